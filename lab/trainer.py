@@ -1,0 +1,173 @@
+r"""ΔL aggregation as a small subclass of TRL's ``GRPOTrainer``.
+
+Read it top to bottom; the ΔL logic is two methods.
+
+1. **Weights at generation time** (:meth:`DeltaLGRPOTrainer._generate_and_score_completions`).
+   TRL generates one *generation batch*, then shuffles it and splits it into ``steps_per_generation``
+   micro-batches before any loss is computed, so ``_compute_loss`` never sees all lengths of a group or
+   batch. The weights are therefore computed right after generation, from the lengths of the *whole*
+   generation batch (gathered over processes), and stored as a per-row tensor that TRL shuffles and
+   splits along with everything else:
+
+   .. math::  w_i = x_i \, N M = \frac{L_i^{-\alpha}}{\tfrac1N\sum_j L_j^{-\alpha}}
+
+   (:func:`lab.aggregation.delta_l_row_weights`; ``delta_l_scope="group"`` normalizes per prompt group).
+
+2. **Loss** (:meth:`DeltaLGRPOTrainer._compute_loss`). TRL's ``dr_grpo`` loss is
+   :math:`\sum_i\sum_t \ell_{i,t} / (N M)` (a token sum over a constant). With the advantages scaled by
+   :math:`w_i` it becomes :math:`\sum_i x_i \sum_t \ell_{i,t}`, the ΔL estimator. Scaling the advantage is
+   exact for the clipped surrogate because :math:`w_i > 0`:
+   :math:`\min(r A w, \mathrm{clip}(r) A w) = w \min(r A, \mathrm{clip}(r) A)`. As in the official
+   implementation, a KL penalty (``beta > 0``) is not weighted.
+
+Everything else (generation, rewards, advantages, clipping, logging, checkpoints, ``report_to``) is TRL's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from lab.aggregation import check_alpha, delta_l_row_weights
+
+# TRL 1.16's own loss types (GRPOTrainer._compute_loss), plus ours.
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+LOSS_TYPES = (*TRL_LOSS_TYPES, "delta_l")
+DELTA_L_SCOPES = ("batch", "group")
+
+
+@dataclass
+class DeltaLGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus ΔL. ``loss_type="delta_l"`` (the default here) selects ΔL aggregation.
+
+    Args:
+        delta_l_alpha: the exponent α in :math:`L_i^{-\\alpha}`; 1.0 is the minimum-variance unbiased
+            choice, 0.0 is exactly ``dr_grpo``; the paper uses 0.75 for Math.
+        delta_l_scope: ``"batch"`` normalizes the weights over the whole generation batch (the official
+            implementation); ``"group"`` within each prompt's group of completions.
+    """
+
+    loss_type: str = field(
+        default="delta_l",
+        metadata={"help": f"Loss aggregation, one of {', '.join(LOSS_TYPES)}.", "choices": list(LOSS_TYPES)},
+    )
+    delta_l_alpha: float = field(default=1.0, metadata={"help": "ΔL exponent α >= 0 (weights L_i^-α)."})
+    delta_l_scope: str = field(
+        default="batch",
+        metadata={"help": "Normalize ΔL weights over the generation 'batch' or per prompt 'group'.",
+                  "choices": list(DELTA_L_SCOPES)},
+    )
+
+    def __post_init__(self) -> None:
+        # Fail at config time, not at step 100 inside _compute_loss.
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+        self.delta_l_alpha = check_alpha(self.delta_l_alpha)
+        if self.delta_l_scope not in DELTA_L_SCOPES:
+            raise ValueError(f"delta_l_scope must be one of {DELTA_L_SCOPES}, got {self.delta_l_scope!r}")
+        super().__post_init__()
+
+
+class DeltaLGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with ``loss_type="delta_l"``; any other loss type is TRL's own, unchanged.
+
+    After each generation batch, :attr:`generation_records` (main process) gets one dict of per-completion
+    lists (lengths, rewards, advantages, weights, truncated, group) that :mod:`lab.runlog` writes out.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.generation_records: list[dict[str, Any]] = []
+        self.log_completion_texts = False  # set True to keep the completion texts in generation_records
+
+    # -- 1. weights, once per generation batch --------------------------------------------------------
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        lengths, weights = self.attach_delta_l_weights(output)
+        self._record_generation(output, lengths, weights)
+        return output
+
+    def attach_delta_l_weights(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute the ΔL row weights of a generation batch and store this process's rows in
+        ``output["delta_l_weights"]``. Returns the gathered (all-process) lengths and weights
+        (weights are all 1 for other loss types)."""
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        local_lengths = mask.sum(-1)
+        lengths = self.accelerator.gather(local_lengths)  # process order = TRL's process_slice order
+        if self.loss_type != "delta_l":
+            return lengths, torch.ones_like(lengths, dtype=torch.float64)
+        weights = delta_l_row_weights(
+            lengths.cpu(),
+            alpha=self.args.delta_l_alpha,
+            max_length=max(self.max_completion_length, int(lengths.max())),
+            group_size=self.num_generations if self.args.delta_l_scope == "group" else None,
+        )
+        n_local = local_lengths.shape[0]
+        start = self.accelerator.process_index * n_local
+        output["delta_l_weights"] = weights[start : start + n_local].to(output["advantages"])
+        self._log_weight_stats(weights)
+        return lengths, weights
+
+    # -- 2. loss: TRL's dr_grpo normalizer on weighted advantages ------------------------------------
+    def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        if self.loss_type != "delta_l":
+            return super()._compute_loss(model, inputs)
+        weights = inputs["delta_l_weights"]
+        advantages = inputs["advantages"]
+        weighted = advantages * (weights if advantages.dim() == 1 else weights.unsqueeze(1))
+        self.loss_type = "dr_grpo"  # Σ_i Σ_t w_i·loss_{i,t} / (rows × max_completion_length)
+        try:
+            return super()._compute_loss(model, {**inputs, "advantages": weighted})
+        finally:
+            self.loss_type = "delta_l"
+
+    # -- logging ---------------------------------------------------------------------------------------
+    def _log_weight_stats(self, weights: torch.Tensor) -> None:
+        mode = "train" if self.model.training else "eval"
+        active = weights[weights > 0]
+        if active.numel() == 0:
+            return
+        metrics = self._metrics[mode]
+        metrics["delta_l/weight_mean"].append(active.mean().item())
+        metrics["delta_l/weight_min"].append(active.min().item())
+        metrics["delta_l/weight_max"].append(active.max().item())
+        metrics["delta_l/weight_std"].append(active.std().item() if active.numel() > 1 else 0.0)
+        # Kish effective sample size as a fraction of the rows: 1 = uniform weights (Dr. GRPO).
+        metrics["delta_l/effective_sample_fraction"].append(
+            (active.sum().square() / active.square().sum() / active.numel()).item()
+        )
+
+    def _record_generation(self, output: dict[str, Any], lengths: torch.Tensor, weights: torch.Tensor) -> None:
+        """Per-completion data of this generation batch for the run log (gathered; main process keeps it)."""
+        ids, mask = output["completion_ids"], output["completion_mask"]
+        last = (mask.sum(-1) - 1).clamp(min=0).long().unsqueeze(1)
+        eos = torch.tensor(list(self.eos_token_ids), device=ids.device)
+        truncated = (mask.sum(-1) == 0) | ~torch.isin(ids.gather(1, last).squeeze(1), eos)
+        truncated = self.accelerator.gather(truncated)
+        advantages = self.accelerator.gather(output["advantages"])
+        if not self.accelerator.is_main_process:
+            return
+        n = lengths.shape[0]
+        reward_columns = [list(self._logs["rewards"][name])[-n:] for name in self.reward_func_names]
+        reward_weights = self.reward_weights.tolist()
+        rewards = [
+            sum(w * (r if r == r else 0.0) for w, r in zip(reward_weights, row, strict=True))
+            for row in zip(*reward_columns, strict=True)
+        ] if reward_columns else [0.0] * n
+        record = {
+            "step": self.state.global_step + 1,  # the optimizer step these completions train
+            "lengths": lengths.tolist(),
+            "rewards": rewards,
+            "advantages": advantages.tolist(),
+            "weights": weights.tolist(),
+            "truncated": truncated.tolist(),
+            "group": [i // self.num_generations for i in range(n)],
+        }
+        if self.log_completion_texts:
+            record["texts"] = [c if isinstance(c, str) else c[-1]["content"] for c in list(self._logs["completion"])[-n:]]
+        self.generation_records.append(record)
