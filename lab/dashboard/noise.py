@@ -1,0 +1,115 @@
+"""View 3, Gradient noise: theoretical CV per aggregator (the counterfactual ``cv/<method>`` columns),
+empirical CV from gradient probes, and Var(g_i) against L_i with the fitted line.
+
+The theoretical CVs are those of :func:`lab.aggregation.estimator_stats` under Var(g_i) = V·L_i with
+V = |∇J| = 1: their absolute level is a unit choice, the ratios between aggregators are the point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from lab.aggregation import METHODS
+from lab.dashboard.colors import color_for, display_name
+from lab.dashboard.data import RunData, label_curve
+from lab.dashboard.figures import add_band_line, new_figure, placeholder
+
+Groups = Mapping[str, Sequence[RunData]]
+
+
+def counterfactual_figure(run: RunData, *, window: int = 1) -> go.Figure:
+    """The CV every aggregator would have had on this run's lengths (lines) and probe CVs (diamonds)."""
+    title = f"{run.run_id}: theoretical CV per aggregator on this run's lengths"
+    fig = new_figure(title, "step", "CV = √Var(ĝ) / |E ĝ|  (V = |∇J| = 1)")
+    for method in METHODS:
+        add_band_line(fig, label_curve([run], f"cv/{method}", window=window), method, band=False)
+    for method, (steps, values) in probe_cvs(run).items():
+        fig.add_trace(
+            go.Scatter(
+                x=steps, y=values, mode="markers", name=f"{display_name(method)} (probe)",
+                marker={"symbol": "diamond", "size": 10, "color": color_for(method),
+                        "line": {"width": 1, "color": "black"}},
+            )
+        )  # fmt: skip
+    if not fig.data:
+        return placeholder(title, "No cv/<method> columns or probes logged in this run.")
+    return fig
+
+
+def own_cv_figure(groups: Groups, *, window: int = 1) -> go.Figure:
+    """Each run's CV under its own aggregator (``cv/<aggregator>``), mean over seeds per label."""
+    fig = new_figure("Theoretical CV of each run's own aggregator", "step", "CV (V = |∇J| = 1)")
+    for label, runs in groups.items():
+        column = f"cv/{runs[0].aggregator}"
+        add_band_line(fig, label_curve(runs, column, window=window), label, band=len(runs) > 1)
+    if not fig.data:
+        return placeholder("Theoretical CV", "No cv/<method> columns in metrics.jsonl yet.")
+    return fig
+
+
+def probe_cvs(run: RunData) -> dict[str, tuple[list[int], list[float]]]:
+    """``{method: (steps, measured CVs)}`` from probes.jsonl (malformed records skipped)."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for probe in run.probes:
+        cv, step = probe.get("cv"), probe.get("step")
+        if not isinstance(cv, dict) or not isinstance(step, (int, float)):
+            continue
+        for method, value in cv.items():
+            if isinstance(value, (int, float)) and np.isfinite(value):
+                steps, values = out.setdefault(str(method), ([], []))
+                steps.append(int(step))
+                values.append(float(value))
+    return out
+
+
+def valid_probes(run: RunData) -> list[dict]:
+    """Probe records with matching ``lengths`` and ``grad_variances`` lists (at least 2 points)."""
+    good = []
+    for probe in run.probes:
+        lengths, variances = probe.get("lengths"), probe.get("grad_variances")
+        if isinstance(lengths, list) and isinstance(variances, list) and len(lengths) == len(variances) >= 2:
+            try:
+                np.asarray(lengths, dtype=float), np.asarray(variances, dtype=float)
+            except (TypeError, ValueError):
+                continue
+            good.append(probe)
+    return good
+
+
+def fit_line(lengths: np.ndarray, variances: np.ndarray, probe: dict) -> tuple[float, float, float]:
+    """(slope, intercept, correlation): the logged fit when present, else least squares on the points."""
+    slope, intercept, corr = probe.get("slope"), probe.get("intercept"), probe.get("correlation")
+    if not all(isinstance(v, (int, float)) for v in (slope, intercept)):
+        slope, intercept = (
+            np.polyfit(lengths, variances, 1) if np.ptp(lengths) > 0 else (0.0, variances.mean())
+        )
+    if not isinstance(corr, (int, float)):
+        corr = (
+            float(np.corrcoef(lengths, variances)[0, 1]) if np.ptp(lengths) and np.ptp(variances) else np.nan
+        )
+    return float(slope), float(intercept), float(corr)
+
+
+def variance_scatter(run: RunData, probe: dict) -> go.Figure:
+    """Var(g_i) = ‖g_i − ḡ‖² against L_i at one probe, with the fitted line Var = a·L + b."""
+    L = np.asarray(probe["lengths"], dtype=float)
+    var = np.asarray(probe["grad_variances"], dtype=float)
+    slope, intercept, corr = fit_line(L, var, probe)
+    title = f"{run.run_id}, step {probe.get('step')}: Var(g_i) vs L_i  (r = {corr:.2f}, slope = {slope:.3g})"
+    fig = new_figure(title, "L_i (tokens)", "Var(g_i) = ‖g_i − ḡ‖²")
+    fig.add_trace(
+        go.Scatter(
+            x=L, y=var, mode="markers", name="completions", marker={"color": color_for(run.label), "size": 8}
+        )
+    )
+    xs = np.array([L.min(), L.max()])
+    fig.add_trace(
+        go.Scatter(
+            x=xs, y=slope * xs + intercept, mode="lines", name="fit", line={"color": "black", "dash": "dash"}
+        )
+    )
+    fig.update_layout(hovermode="closest")
+    return fig

@@ -1,0 +1,93 @@
+"""View 1, Overview: reward curves per aggregator, eval Avg@k / Pass@k, a table of final scores."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from lab.dashboard.colors import display_name
+from lab.dashboard.data import RunData, final_value, label_curve, numeric_column
+from lab.dashboard.figures import add_band_line, new_figure, placeholder
+
+Groups = Mapping[str, Sequence[RunData]]
+
+
+def reward_figure(groups: Groups, *, column: str = "reward", window: int = 1) -> go.Figure:
+    """Mean reward per aggregator against step: ± reward_std band (one seed) or 95% band over seeds."""
+    if not any(not r.metrics.empty for runs in groups.values() for r in runs):
+        return placeholder("Reward", "No metrics logged yet.")
+    fig = new_figure(
+        "Reward (band: ± within-batch std for one seed, 95% CI of the mean over seeds)", "step", column
+    )
+    for label, runs in groups.items():
+        band_column = f"{column}_std" if len(runs) == 1 else None
+        curve = label_curve(runs, column, window=window, band_column=band_column)
+        add_band_line(fig, curve, label, name=f"{display_name(label)} (n={len(runs)})")
+    return fig
+
+
+def eval_figure(groups: Groups, *, metric: str = "avg_at_k") -> go.Figure:
+    """Eval ``avg_at_k`` or ``pass_at_k`` against step, mean over seeds with a 95% band."""
+    title = {"avg_at_k": "Eval Avg@k", "pass_at_k": "Eval Pass@k"}.get(metric, metric)
+    if not any(not r.evals.empty for runs in groups.values() for r in runs):
+        return placeholder(title, "No evaluations logged yet (eval.jsonl).")
+    ks = {int(k) for runs in groups.values() for r in runs for k in numeric_column(r.evals, "k").unique()}
+    k_text = "/".join(str(k) for k in sorted(ks)) or "k"
+    fig = new_figure(title.replace("k", k_text, 1) if ks else title, "step", metric)
+    for label, runs in groups.items():
+        curve = label_curve(runs, metric, source="evals")
+        add_band_line(fig, curve, label, band=len(runs) > 1)
+    fig.update_traces(mode="lines+markers", selector={"mode": "lines"})
+    return fig
+
+
+def _monotonicity() -> Callable | None:
+    """``lab.evaluation.monotonicity_score`` if it exists (it is defined and documented there)."""
+    try:
+        from lab.evaluation import monotonicity_score
+    except ImportError:
+        return None
+    return monotonicity_score
+
+
+def _safe_score(fn: Callable | None, values: Sequence[float]) -> float:
+    if fn is None or len(values) < 2:
+        return float("nan")
+    try:
+        return float(fn(list(values)))
+    except (ValueError, TypeError, ZeroDivisionError):
+        return float("nan")
+
+
+def scores_table(groups: Groups) -> pd.DataFrame:
+    """One row per run: state, progress, final reward (last 10% of steps), final eval, monotonicity."""
+    mono = _monotonicity()
+    rows = []
+    for label, runs in groups.items():
+        for run in runs:
+            reward = numeric_column(run.metrics, "reward")
+            avg, pas = numeric_column(run.evals, "avg_at_k"), numeric_column(run.evals, "pass_at_k")
+            steps = int(reward.index.max()) if not reward.empty else 0
+            rows.append(
+                {
+                    "aggregator": display_name(label),
+                    "run": run.run_id,
+                    "seed": run.seed,
+                    "state": run.state,
+                    "steps": f"{steps}/{run.max_steps or '?'}",
+                    "final reward": final_value(reward),
+                    "final avg@k": float(avg.iloc[-1]) if not avg.empty else math.nan,
+                    "final pass@k": float(pas.iloc[-1]) if not pas.empty else math.nan,
+                    "monotonicity (eval avg@k)": _safe_score(mono, avg.tolist()),
+                    "monotonicity (reward)": _safe_score(mono, reward.tolist()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def monotonicity_available() -> bool:
+    """Whether lab.evaluation provides monotonicity_score (the table shows NaN otherwise)."""
+    return _monotonicity() is not None

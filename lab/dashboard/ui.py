@@ -1,0 +1,281 @@
+"""Streamlit rendering of the six views. The figures come from the view modules (no streamlit there)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from lab.aggregation import LENGTH_DISTRIBUTIONS, METHODS
+from lab.dashboard import launch, lengths, noise, overview, playground, weights
+from lab.dashboard.colors import display_name
+from lab.dashboard.data import RunData, RunStore, group_by_label
+
+VIEWS = ("Overview", "Lengths", "Gradient noise", "Weights", "Estimator playground", "Launch")
+DEFAULT_RUNS_DIR = "runs"
+PLOTLY_CONFIG = {"displaylogo": False}
+
+
+@dataclass
+class Settings:
+    """Sidebar choices shared by the run views."""
+
+    runs_dir: Path
+    selected: list[tuple[str, Path]]  # (comparison, run dir)
+    window: int = 1
+    refresh_s: float = 3.0
+
+
+# -------------------------------------------------------------------------------------------------------
+# runs dir, session state
+# -------------------------------------------------------------------------------------------------------
+def runs_dir_from_args(argv: Sequence[str], env: dict[str, str] | os._Environ) -> str:
+    """``--runs-dir`` after ``streamlit run app.py --``, else ``LAB_RUNS_DIR``, else ``runs``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--runs-dir")
+    known, _ = parser.parse_known_args(list(argv))
+    return known.runs_dir or env.get("LAB_RUNS_DIR") or DEFAULT_RUNS_DIR
+
+
+def store() -> RunStore:
+    """The session's RunStore: readers live across reruns, so each refresh reads only new lines."""
+    if "run_store" not in st.session_state:
+        st.session_state["run_store"] = RunStore()
+    return st.session_state["run_store"]
+
+
+def chart(fig: go.Figure, key: str) -> None:
+    st.plotly_chart(fig, width="stretch", key=key, config=PLOTLY_CONFIG)
+
+
+def empty_runs_message(runs_dir: Path) -> str:
+    return (
+        f"No runs in `{runs_dir}`. Start one: `lab compare --out {runs_dir}/demo` or use the **Launch** tab. "
+        "Meanwhile, the **Estimator playground** needs no run."
+    )
+
+
+# -------------------------------------------------------------------------------------------------------
+# live wrapper
+# -------------------------------------------------------------------------------------------------------
+def live_view(name: str, render: Callable[[list[RunData], Settings], None], settings: Settings) -> None:
+    """Render a run view inside a fragment that re-polls every few seconds while any run is running."""
+    runs = store().load(settings.selected)
+    live = any(r.is_live for r in runs)
+
+    @st.fragment(run_every=settings.refresh_s if live else None)
+    def body() -> None:
+        current = store().load(settings.selected)
+        for run in current:
+            for message in run.warnings():
+                st.warning(message)
+        if not current:
+            st.caption("This view needs at least one run: pick some in the sidebar.")
+            return
+        if any(r.is_live for r in current):
+            st.caption(f"Live: refreshing every {settings.refresh_s:g} s (only new log lines are read).")
+        render(current, settings)
+        if live and not any(r.is_live for r in current):
+            st.rerun()  # every run stopped: a full rerun drops the timer
+
+    body()
+
+
+# -------------------------------------------------------------------------------------------------------
+# views
+# -------------------------------------------------------------------------------------------------------
+def render_overview(runs: list[RunData], s: Settings) -> None:
+    groups = group_by_label(runs)
+    chart(overview.reward_figure(groups, window=s.window), "ov_reward")
+    left, right = st.columns(2)
+    with left:
+        chart(overview.eval_figure(groups, metric="avg_at_k"), "ov_avg")
+    with right:
+        chart(overview.eval_figure(groups, metric="pass_at_k"), "ov_pass")
+    st.subheader("Final scores")
+    table = overview.scores_table(groups)
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.caption(
+        "final reward: mean over the last 10% of logged steps. Monotonicity: `lab.evaluation.monotonicity_score`"
+        + ("" if overview.monotonicity_available() else " (not available in this checkout: shown as NaN)")
+        + "."
+    )
+
+
+def _step_picker(steps: list[int], key: str) -> int:
+    follow = st.checkbox("Follow the latest step", value=True, key=f"{key}_follow")
+    if follow or len(steps) == 1:
+        return steps[-1]
+    return st.select_slider("Step", options=steps, value=steps[-1], key=f"{key}_step")
+
+
+def render_lengths(runs: list[RunData], s: Settings) -> None:
+    groups = group_by_label(runs)
+    steps = lengths.all_sample_steps(runs)
+    if steps:
+        step = _step_picker(steps, "len")
+        chart(lengths.distribution_figure(runs, step), "len_dist")
+        slices = st.slider("Steps shown over time", 3, 30, 10, key="len_slices")
+        chart(lengths.violin_over_time(groups, slices=slices), "len_violin")
+    else:
+        st.info("No samples.jsonl yet: per-step distributions appear once a run logs its first batch.")
+    left, right = st.columns(2)
+    with left:
+        chart(lengths.mean_max_figure(groups, window=s.window), "len_meanmax")
+    with right:
+        chart(lengths.truncation_figure(groups, window=s.window), "len_trunc")
+
+
+def _pick_run(runs: list[RunData], key: str, prefer: str | None = None) -> RunData:
+    ids = [r.run_id for r in runs]
+    default = next((i for i, r in enumerate(runs) if r.aggregator == prefer), 0)
+    chosen = st.selectbox("Run", ids, index=default, key=key)
+    return runs[ids.index(chosen)] if chosen in ids else runs[0]
+
+
+def render_noise(runs: list[RunData], s: Settings) -> None:
+    st.caption(
+        "Theoretical CV from `lab.aggregation.estimator_stats` on each step's lengths, assuming Var(g_i) = V·L_i "
+        "(V = |∇J| = 1: compare ratios, not levels). Probes measure it on the real model."
+    )
+    chart(noise.own_cv_figure(group_by_label(runs), window=s.window), "noise_own")
+    run = _pick_run(runs, "noise_run")
+    chart(noise.counterfactual_figure(run, window=s.window), "noise_cf")
+    probes = noise.valid_probes(run)
+    if not probes:
+        st.info(f"No gradient probes in {run.run_id} (probes.jsonl): enable probing in the trainer to measure "
+                "Var(g_i) against L_i.")  # fmt: skip
+        return
+    steps = [p.get("step") for p in probes]
+    index = st.select_slider("Probe step", options=list(range(len(probes))), value=len(probes) - 1,
+                             format_func=lambda i: str(steps[i]), key="noise_probe")  # fmt: skip
+    chart(noise.variance_scatter(run, probes[index]), "noise_scatter")
+
+
+def render_weights(runs: list[RunData], s: Settings) -> None:
+    with_samples = [r for r in runs if r.batches]
+    if not with_samples:
+        st.info("No samples.jsonl yet: the weights are recomputed from a logged step's lengths.")
+        return
+    run = _pick_run(with_samples, "w_run", prefer="delta_l")
+    step = _step_picker(run.sample_steps, "w")
+    batch = run.batch_at(step)
+    assert batch is not None
+    alpha = st.slider("α", 0.0, 2.0, float(min(run.alpha, 2.0)), 0.05, key="w_alpha")
+    left, right = st.columns(2)
+    with left:
+        chart(weights.weights_figure(batch, alpha, run.max_completion_length, logged=run.aggregator == "delta_l"),
+              "w_weights")  # fmt: skip
+    with right:
+        chart(weights.alpha_sweep_figure(batch, run.max_completion_length, alpha), "w_sweep")
+    st.caption(
+        "Recomputed with `lab.aggregation.sequence_weights` over the whole batch (as the official code), "
+        "normalized to mean 1. α=0 is Dr. GRPO (equal weights); α=1 is inverse-variance weighting."
+    )
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _playground_data(settings: playground.PlaygroundSettings) -> tuple:
+    group = playground.draw_group(settings)
+    sim = playground.simulate(settings, group)
+    sim = {m: {k: v for k, v in r.items() if k != "scale"} for m, r in sim.items()}
+    return group, sim
+
+
+def render_playground() -> None:
+    st.markdown(
+        "Each aggregator is a weighted sum ĝ = Σ x_i g_i of per-response gradients with Var(g_i) = V·L_i. "
+        "Pick a length distribution and see the weights, the scale E = M·Σx_i (1 = unbiased), Var and CV, "
+        "and a Monte Carlo check. M = the max length."
+    )
+    c1, c2, c3, c4 = st.columns(4)
+    alpha = c1.slider("α (ΔL)", 0.0, 2.0, 1.0, 0.05, key="pg_alpha")
+    group_size = c2.slider("Group size G", 2, 64, 8, key="pg_g")
+    distribution = c3.selectbox("Length distribution", LENGTH_DISTRIBUTIONS, key="pg_dist")
+    seed = c4.number_input("Seed", 0, 10_000, 0, key="pg_seed")
+    lo, hi = st.slider("Min / max length (M = max)", 1, 8192, (50, 3000), key="pg_range")
+    n_trials = c4.select_slider("Monte Carlo trials", [500, 1000, 2000, 4000, 10000], 4000, key="pg_trials")
+    redraw = c3.checkbox("Redraw lengths every trial", False, key="pg_redraw",
+                         help="Shows the bias: GRPO's and DAPO's mean moves with the sampled lengths.")  # fmt: skip
+    settings = playground.PlaygroundSettings(
+        alpha=alpha, group_size=group_size, distribution=distribution, min_length=lo, max_length=hi,
+        n_trials=int(n_trials), redraw_lengths=redraw, seed=int(seed),
+    )  # fmt: skip
+    group, sim = _playground_data(settings)
+    chart(playground.lengths_figure(settings, group), "pg_lengths")
+    st.dataframe(playground.stats_table(settings, group, sim), hide_index=True, width="stretch")
+    left, right = st.columns(2)
+    with left:
+        chart(playground.weights_figure(settings, group), "pg_weights")
+    with right:
+        chart(playground.histogram_figure(settings, sim), "pg_hist")
+
+
+def _current_launch() -> launch.Launch | None:
+    return st.session_state.get("launch")
+
+
+def render_launch(runs_dir: Path) -> None:
+    current = _current_launch()
+    if current is None or not current.running:
+        _launch_form(runs_dir)
+    if current is not None:
+        _launch_progress(current)
+
+
+def _launch_form(runs_dir: Path) -> None:
+    st.markdown(
+        "Start `lab compare` as a subprocess (an argument list, no shell). Runs appear in the other tabs."
+    )
+    default_name = st.session_state.setdefault("launch_default_name", time.strftime("compare-%Y%m%d-%H%M%S"))
+    name = st.text_input("Comparison name (folder under the runs dir)", default_name, key="ln_name")
+    aggregators = st.multiselect("Aggregators", list(METHODS), default=list(METHODS), key="ln_aggs",
+                                 format_func=display_name)  # fmt: skip
+    c1, c2, c3 = st.columns(3)
+    steps = c1.number_input("Steps", 1, 100_000, 50, key="ln_steps")
+    seeds = c2.text_input("Seeds (--seeds)", "1", key="ln_seeds")
+    model = c3.text_input("Model (empty: the embedded default)", "", key="ln_model")
+    extra = st.text_input("Extra arguments (e.g. --alpha 0.75)", "", key="ln_extra")
+    out = runs_dir / name.strip()
+    try:
+        args = launch.build_compare_args(
+            out, aggregators, steps=int(steps), seeds=seeds, model=model, extra=extra
+        )
+    except ValueError as err:
+        st.warning(str(err))
+        return
+    st.code(shlex.join(args), language="bash")
+    if st.button("Start", type="primary", key="ln_start"):
+        st.session_state["launch"] = launch.Launch(args, out).start(cwd=Path.cwd())
+        st.rerun()
+
+
+def _launch_progress(current: launch.Launch) -> None:
+    @st.fragment(run_every=2.0 if current.running else None)
+    def progress() -> None:
+        code = current.returncode
+        state = "running" if code is None else f"exited with code {code}"
+        st.markdown(
+            f"**Launch** `{current.out}`: {state} (pid {current.process.pid if current.process else '?'})"
+        )
+        if current.running and st.button("Stop", key="ln_stop"):
+            current.stop()
+            st.rerun()
+        table = launch.progress_table(current.out)
+        for row in table.itertuples():
+            st.progress(
+                float(row.progress), text=f"{row.run}: {row.state}, step {row.step}/{row.max_steps or '?'}"
+            )
+        st.code(current.tail() or "(no output yet)", language="text")
+        if code is not None and st.button("Clear", key="ln_clear"):
+            del st.session_state["launch"]
+            st.rerun()
+
+    progress()
