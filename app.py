@@ -13,6 +13,7 @@ import streamlit as st
 
 from lab.dashboard import ui
 from lab.dashboard.colors import color_for, display_name
+from lab.runlog import read_json
 
 st.set_page_config(page_title="ΔL Lab", page_icon="Δ", layout="wide")
 
@@ -36,8 +37,8 @@ def sidebar() -> ui.Settings:
         selected = [(comparison, run_dirs[name]) for name in chosen if name in run_dirs]
         for comparison_name, path in selected:
             run = ui.store().get(path, comparison_name)
-            colour = color_for(run.label)
-            sb.markdown(f"<span style='color:{colour}'>■</span> `{path.name}` · {run.state or 'unknown'}",
+            state = (read_json(path / "status.json") or {}).get("state", "unknown")
+            sb.markdown(f"<span style='color:{color_for(run.label)}'>■</span> `{path.name}` · {state}",
                         unsafe_allow_html=True)  # fmt: skip
     window = sb.slider("Smoothing (steps)", 1, 100, 1, key="window")
     refresh = sb.number_input("Live refresh (s)", 1.0, 60.0, 3.0, 1.0, key="refresh")

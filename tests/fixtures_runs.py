@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +72,17 @@ def run_config(spec: SyntheticRun, comparison: str) -> dict:
     }
 
 
+def stream_seed(spec: SyntheticRun) -> int:
+    """A random stream per (label, seed), so runs of different aggregators differ by noise."""
+    return zlib.crc32(run_label(spec.aggregator, spec.alpha).encode()) * 1000 + spec.seed
+
+
 def step_records(spec: SyntheticRun, step: int, rng: np.random.Generator) -> tuple[dict, dict]:
     """(metrics record, samples record) for one synthetic step."""
     n, big_m = spec.num_prompts * spec.num_generations, spec.max_completion_length
     upper = int(big_m * min(1.0, 0.4 + 0.6 * step / 1000))
     lengths = sample_lengths(
-        "lognormal", group_size=n, min_length=8, max_length=upper, seed=spec.seed * 1_000_003 + step
+        "lognormal", group_size=n, min_length=8, max_length=upper, seed=stream_seed(spec) * 7919 + step
     ).flatten()
     rewards = (rng.random(n) < reward_curve(step)).astype(float)
     grouped = rewards.reshape(spec.num_prompts, spec.num_generations)
@@ -144,7 +150,7 @@ def write_run(
     writer = RunWriter(run_dir)
     writer.write_config(run_config(spec, comparison))
     max_steps = spec.max_steps or spec.steps
-    rng = np.random.default_rng(spec.seed)
+    rng = np.random.default_rng(stream_seed(spec))
     for step in range(1, spec.steps + 1):
         append_step(writer, spec, step, rng)
     writer.set_status(spec.state, spec.steps, max_steps)

@@ -356,10 +356,12 @@ def label_curve(
     source: str = "metrics",
     window: int = 1,
     band_column: str | None = None,
+    seed_band: str = "ci95",
 ) -> pd.DataFrame:
     """Mean curve of ``column`` over the runs (seeds) of one label: columns step, mean, lo, hi, n.
 
-    With several seeds, lo/hi is the 95% t-interval of the mean over seeds. With one seed, lo/hi is
+    With several seeds, lo/hi is the 95% t-interval of the mean over seeds (``seed_band="ci95"``), ± one
+    std over seeds (``"std"``) or nothing (``"none"``). With one seed, lo/hi is
     mean ± ``band_column`` (e.g. ``reward_std``, the within-batch spread) when given, else the mean itself.
     """
     series = []
@@ -373,7 +375,8 @@ def label_curve(
     n = table.notna().sum(axis=1)
     mean = table.mean(axis=1)
     if len(series) > 1:
-        half = table.std(axis=1, ddof=1) / np.sqrt(n) * n.map(t95)
+        std = table.std(axis=1, ddof=1)
+        half = {"ci95": std / np.sqrt(n) * n.map(t95), "std": std}.get(seed_band, std * 0)
     elif band_column is not None:
         half = smooth(numeric_column(frame_of(runs[0], source), band_column), window).reindex(mean.index)
     else:

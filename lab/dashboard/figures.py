@@ -11,7 +11,7 @@ from lab.dashboard.data import downsample
 MAX_POINTS = 600  # per line; longer curves are bucket-averaged before plotting
 
 
-def new_figure(title: str, xaxis: str, yaxis: str, *, height: int = 360) -> go.Figure:
+def new_figure(title: str, xaxis: str, yaxis: str, *, height: int = 400) -> go.Figure:
     """An empty figure with the dashboard's common layout."""
     fig = go.Figure()
     fig.update_layout(
@@ -19,8 +19,8 @@ def new_figure(title: str, xaxis: str, yaxis: str, *, height: int = 360) -> go.F
         xaxis_title=xaxis,
         yaxis_title=yaxis,
         height=height,
-        margin={"l": 60, "r": 20, "t": 60, "b": 50},
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
+        margin={"l": 60, "r": 20, "t": 50, "b": 40},
+        legend={"orientation": "h", "yanchor": "top", "y": -0.18, "xanchor": "left", "x": 0.0},
         template="plotly_white",
         hovermode="x unified",
     )
@@ -35,6 +35,7 @@ def add_band_line(
     name: str | None = None,
     dash: str | None = None,
     band: bool = True,
+    mode: str = "lines",
     max_points: int = MAX_POINTS,
 ) -> None:
     """Add ``curve`` (columns step, mean, lo, hi) as a line in ``label``'s colour with a shaded band."""
@@ -47,13 +48,13 @@ def add_band_line(
         y = list(curve["hi"]) + list(curve["lo"][::-1])
         fig.add_trace(
             go.Scatter(
-                x=x, y=y, fill="toself", fillcolor=rgba(color, 0.18), line={"width": 0},
+                x=x, y=y, fill="toself", fillcolor=rgba(color, 0.15), line={"width": 0},
                 hoverinfo="skip", showlegend=False, legendgroup=name, name=f"{name} band",
             )
         )  # fmt: skip
     fig.add_trace(
         go.Scatter(
-            x=curve["step"], y=curve["mean"], mode="lines", name=name, legendgroup=name,
+            x=curve["step"], y=curve["mean"], mode=mode, name=name, legendgroup=name,
             line={"color": color, "width": 2, "dash": dash},
         )
     )  # fmt: skip

@@ -24,8 +24,9 @@ def counterfactual_figure(run: RunData, *, window: int = 1) -> go.Figure:
     """The CV every aggregator would have had on this run's lengths (lines) and probe CVs (diamonds)."""
     title = f"{run.run_id}: theoretical CV per aggregator on this run's lengths"
     fig = new_figure(title, "step", "CV = √Var(ĝ) / |E ĝ|  (V = |∇J| = 1)")
-    for method in METHODS:
-        add_band_line(fig, label_curve([run], f"cv/{method}", window=window), method, band=False)
+    for method in METHODS:  # GRPO's CV equals ΔL(α=1)'s, DAPO's equals Dr. GRPO's: dash them to show both
+        dash = "dash" if method in ("grpo", "dapo") else None
+        add_band_line(fig, label_curve([run], f"cv/{method}", window=window), method, band=False, dash=dash)
     for method, (steps, values) in probe_cvs(run).items():
         fig.add_trace(
             go.Scatter(

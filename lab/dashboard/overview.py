@@ -15,16 +15,20 @@ from lab.dashboard.figures import add_band_line, new_figure, placeholder
 Groups = Mapping[str, Sequence[RunData]]
 
 
-def reward_figure(groups: Groups, *, column: str = "reward", window: int = 1) -> go.Figure:
-    """Mean reward per aggregator against step: ± reward_std band (one seed) or 95% band over seeds."""
+SEED_BANDS = {"ci95": "95% CI of the mean over seeds", "std": "± 1 std over seeds", "none": "no band"}
+
+
+def reward_figure(
+    groups: Groups, *, column: str = "reward", window: int = 1, seed_band: str = "ci95"
+) -> go.Figure:
+    """Mean reward per aggregator against step: ± reward_std band (one seed) or a band over seeds."""
     if not any(not r.metrics.empty for runs in groups.values() for r in runs):
         return placeholder("Reward", "No metrics logged yet.")
-    fig = new_figure(
-        "Reward (band: ± within-batch std for one seed, 95% CI of the mean over seeds)", "step", column
-    )
+    title = f"Reward (band: ± within-batch std for one seed; {SEED_BANDS.get(seed_band, seed_band)})"
+    fig = new_figure(title, "step", column)
     for label, runs in groups.items():
         band_column = f"{column}_std" if len(runs) == 1 else None
-        curve = label_curve(runs, column, window=window, band_column=band_column)
+        curve = label_curve(runs, column, window=window, band_column=band_column, seed_band=seed_band)
         add_band_line(fig, curve, label, name=f"{display_name(label)} (n={len(runs)})")
     return fig
 
@@ -39,8 +43,7 @@ def eval_figure(groups: Groups, *, metric: str = "avg_at_k") -> go.Figure:
     fig = new_figure(title.replace("k", k_text, 1) if ks else title, "step", metric)
     for label, runs in groups.items():
         curve = label_curve(runs, metric, source="evals")
-        add_band_line(fig, curve, label, band=len(runs) > 1)
-    fig.update_traces(mode="lines+markers", selector={"mode": "lines"})
+        add_band_line(fig, curve, label, band=len(runs) > 1, mode="lines+markers")
     return fig
 
 
@@ -53,11 +56,12 @@ def _monotonicity() -> Callable | None:
     return monotonicity_score
 
 
-def _safe_score(fn: Callable | None, values: Sequence[float]) -> float:
-    if fn is None or len(values) < 2:
+def _safe_score(fn: Callable | None, curve: pd.Series) -> float:
+    """``fn(steps, values)`` on a step-indexed curve; NaN when unavailable or invalid."""
+    if fn is None or len(curve) < 2:
         return float("nan")
     try:
-        return float(fn(list(values)))
+        return float(fn(curve.index.tolist(), curve.tolist()))
     except (ValueError, TypeError, ZeroDivisionError):
         return float("nan")
 
@@ -81,8 +85,7 @@ def scores_table(groups: Groups) -> pd.DataFrame:
                     "final reward": final_value(reward),
                     "final avg@k": float(avg.iloc[-1]) if not avg.empty else math.nan,
                     "final pass@k": float(pas.iloc[-1]) if not pas.empty else math.nan,
-                    "monotonicity (eval avg@k)": _safe_score(mono, avg.tolist()),
-                    "monotonicity (reward)": _safe_score(mono, reward.tolist()),
+                    "monotonicity (eval avg@k)": _safe_score(mono, avg),
                 }
             )
     return pd.DataFrame(rows)

@@ -28,6 +28,7 @@ class PlaygroundSettings:
     max_length: int = 3000
     n_trials: int = 4000
     redraw_lengths: bool = False  # redraw the lengths in every Monte Carlo trial (shows the bias)
+    token_variance: float = 1e-3  # V in Var(g_i) = V·L_i, with |∇J| = 1
     seed: int = 0
 
     @property
@@ -53,23 +54,27 @@ def simulate(s: PlaygroundSettings, lengths: np.ndarray) -> dict:
                            max_length=s.max_length, seed=s.seed + 1)  # fmt: skip
     else:
         L = lengths.tolist()
-    return simulate_estimators(L, alpha=s.alpha, max_length=s.M, n_trials=s.n_trials, seed=s.seed)
+    return simulate_estimators(
+        L, alpha=s.alpha, max_length=s.M, n_trials=s.n_trials, token_variance=s.token_variance, seed=s.seed
+    )
 
 
 def stats_table(s: PlaygroundSettings, lengths: np.ndarray, sim: dict) -> pd.DataFrame:
     """Closed form (on the drawn group) next to Monte Carlo, per aggregator."""
     rows = []
     for method in METHODS:
-        st = estimator_stats(lengths.tolist(), method, alpha=s.alpha, max_length=s.M)
+        st = estimator_stats(
+            lengths.tolist(), method, alpha=s.alpha, max_length=s.M, token_variance=s.token_variance
+        )
         mc = sim[method]
         rows.append(
             {
                 "aggregator": method_label(method, s.alpha),
                 "E = M·Σx (1 = unbiased)": st["relative_scale"],
-                "Var·M²/V": st["variance"] * s.M**2,
+                "Var·M²/V": st["variance"] * s.M**2 / s.token_variance,
                 "CV": st["cv"],
                 "MC mean of M·ĝ": mc["mean"] * s.M,
-                "MC Var·M²": mc["variance"] * s.M**2,
+                "MC Var·M²/V": mc["variance"] * s.M**2 / s.token_variance,
                 "MC CV": mc["cv"],
             }
         )

@@ -93,7 +93,9 @@ def live_view(name: str, render: Callable[[list[RunData], Settings], None], sett
 # -------------------------------------------------------------------------------------------------------
 def render_overview(runs: list[RunData], s: Settings) -> None:
     groups = group_by_label(runs)
-    chart(overview.reward_figure(groups, window=s.window), "ov_reward")
+    band = st.radio("Band over seeds", list(overview.SEED_BANDS), format_func=overview.SEED_BANDS.get,
+                    horizontal=True, key="ov_band")  # fmt: skip
+    chart(overview.reward_figure(groups, window=s.window, seed_band=band), "ov_reward")
     left, right = st.columns(2)
     with left:
         chart(overview.eval_figure(groups, metric="avg_at_k"), "ov_avg")
@@ -202,11 +204,18 @@ def render_playground() -> None:
     seed = c4.number_input("Seed", 0, 10_000, 0, key="pg_seed")
     lo, hi = st.slider("Min / max length (M = max)", 1, 8192, (50, 3000), key="pg_range")
     n_trials = c4.select_slider("Monte Carlo trials", [500, 1000, 2000, 4000, 10000], 4000, key="pg_trials")
+    token_variance = c2.select_slider(
+        "Token variance V",
+        [1e-4, 1e-3, 1e-2, 1e-1, 1.0],
+        1e-3,
+        key="pg_v",
+        help="Var(g_i) = V·L_i with |∇J| = 1: sets the noise level of the histogram.",
+    )
     redraw = c3.checkbox("Redraw lengths every trial", False, key="pg_redraw",
                          help="Shows the bias: GRPO's and DAPO's mean moves with the sampled lengths.")  # fmt: skip
     settings = playground.PlaygroundSettings(
         alpha=alpha, group_size=group_size, distribution=distribution, min_length=lo, max_length=hi,
-        n_trials=int(n_trials), redraw_lengths=redraw, seed=int(seed),
+        n_trials=int(n_trials), redraw_lengths=redraw, token_variance=float(token_variance), seed=int(seed),
     )  # fmt: skip
     group, sim = _playground_data(settings)
     chart(playground.lengths_figure(settings, group), "pg_lengths")
