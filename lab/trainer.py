@@ -57,8 +57,10 @@ class DeltaLGRPOConfig(GRPOConfig):
     delta_l_alpha: float = field(default=1.0, metadata={"help": "ΔL exponent α >= 0 (weights L_i^-α)."})
     delta_l_scope: str = field(
         default="batch",
-        metadata={"help": "Normalize ΔL weights over the generation 'batch' or per prompt 'group'.",
-                  "choices": list(DELTA_L_SCOPES)},
+        metadata={
+            "help": "Normalize ΔL weights over the generation 'batch' or per prompt 'group'.",
+            "choices": list(DELTA_L_SCOPES),
+        },
     )
 
     def __post_init__(self) -> None:
@@ -142,7 +144,9 @@ class DeltaLGRPOTrainer(GRPOTrainer):
             (active.sum().square() / active.square().sum() / active.numel()).item()
         )
 
-    def _record_generation(self, output: dict[str, Any], lengths: torch.Tensor, weights: torch.Tensor) -> None:
+    def _record_generation(
+        self, output: dict[str, Any], lengths: torch.Tensor, weights: torch.Tensor
+    ) -> None:
         """Per-completion data of this generation batch for the run log (gathered; main process keeps it)."""
         ids, mask = output["completion_ids"], output["completion_mask"]
         last = (mask.sum(-1) - 1).clamp(min=0).long().unsqueeze(1)
@@ -155,10 +159,14 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         n = lengths.shape[0]
         reward_columns = [list(self._logs["rewards"][name])[-n:] for name in self.reward_func_names]
         reward_weights = self.reward_weights.tolist()
-        rewards = [
-            sum(w * (r if r == r else 0.0) for w, r in zip(reward_weights, row, strict=True))
-            for row in zip(*reward_columns, strict=True)
-        ] if reward_columns else [0.0] * n
+        rewards = (
+            [
+                sum(w * (r if r == r else 0.0) for w, r in zip(reward_weights, row, strict=True))
+                for row in zip(*reward_columns, strict=True)
+            ]
+            if reward_columns
+            else [0.0] * n
+        )
         record = {
             "step": self.state.global_step + 1,  # the optimizer step these completions train
             "lengths": lengths.tolist(),
@@ -169,5 +177,7 @@ class DeltaLGRPOTrainer(GRPOTrainer):
             "group": [i // self.num_generations for i in range(n)],
         }
         if self.log_completion_texts:
-            record["texts"] = [c if isinstance(c, str) else c[-1]["content"] for c in list(self._logs["completion"])[-n:]]
+            record["texts"] = [
+                c if isinstance(c, str) else c[-1]["content"] for c in list(self._logs["completion"])[-n:]
+            ]
         self.generation_records.append(record)

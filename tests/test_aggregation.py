@@ -74,8 +74,12 @@ def test_grpo_and_dapo_scale_moves_with_lengths():
 def test_weight_formulas_on_a_small_example():
     L, M = torch.tensor([1.0, 2.0, 4.0]), 8
     torch.testing.assert_close(sequence_weights(L, "grpo", max_length=M), 1 / (3 * L.double()))
-    torch.testing.assert_close(sequence_weights(L, "dapo", max_length=M), torch.full((3,), 1 / 7, dtype=torch.float64))
-    torch.testing.assert_close(sequence_weights(L, "dr_grpo", max_length=M), torch.full((3,), 1 / 24, dtype=torch.float64))
+    torch.testing.assert_close(
+        sequence_weights(L, "dapo", max_length=M), torch.full((3,), 1 / 7, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        sequence_weights(L, "dr_grpo", max_length=M), torch.full((3,), 1 / 24, dtype=torch.float64)
+    )
     inv = 1 / L.double()
     torch.testing.assert_close(sequence_weights(L, "delta_l", alpha=1.0, max_length=M), inv / (M * inv.sum()))
 
@@ -128,9 +132,15 @@ def test_aggregate_loss_matches_explicit_sums():
         mask[i, :n] = 1
     L = mask.sum(-1)
     row_sums = (loss * mask).sum(-1)
-    assert float(aggregate_loss(loss, mask, "grpo", max_length=6)) == pytest.approx(float((row_sums / L).mean()))
-    assert float(aggregate_loss(loss, mask, "dapo", max_length=6)) == pytest.approx(float(row_sums.sum() / L.sum()))
-    assert float(aggregate_loss(loss, mask, "dr_grpo", max_length=6)) == pytest.approx(float(row_sums.sum() / 24))
+    assert float(aggregate_loss(loss, mask, "grpo", max_length=6)) == pytest.approx(
+        float((row_sums / L).mean())
+    )
+    assert float(aggregate_loss(loss, mask, "dapo", max_length=6)) == pytest.approx(
+        float(row_sums.sum() / L.sum())
+    )
+    assert float(aggregate_loss(loss, mask, "dr_grpo", max_length=6)) == pytest.approx(
+        float(row_sums.sum() / 24)
+    )
     with pytest.raises(ValueError, match="shape"):
         aggregate_loss(loss, mask[:, :3], "grpo", max_length=6)
 
