@@ -11,12 +11,14 @@ from hypothesis import strategies as st
 from lab.tasks import DEMO, get_task
 from lab.tasks.countdown import (
     BASE_TEMPLATE,
+    FEW_SHOT,
     PREFILL,
     CountdownTask,
     check_expression,
     countdown_reward,
     countdown_shaped_reward,
     extract_answer,
+    few_shot_examples,
     generate_problem,
     generate_problems,
     make_prompt,
@@ -211,6 +213,19 @@ def test_prompts() -> None:
     assert fs_base.count("User:") == 2 and fs_base.endswith(PREFILL)
     with pytest.raises(ValueError, match="few_shot"):
         make_prompt([1, 2], 3, chat=True, few_shot=9)
+    with pytest.raises(ValueError, match="few_shot"):
+        make_prompt([1, 2], 3, chat=True, few_shot=3, ops="*")
+
+
+def test_few_shot_examples_follow_ops() -> None:
+    assert len(few_shot_examples(len(FEW_SHOT))) == len(FEW_SHOT)
+    plus_minus = few_shot_examples(4, "+-")
+    assert all(not set(a) & set("*/") for _, _, _, a in plus_minus)
+    for numbers, target, thoughts, answer in FEW_SHOT:  # every worked example obeys the rule
+        assert score(ans(answer), numbers, target) == 1.0
+        assert answer in thoughts
+    chat = make_prompt([1, 2], 3, chat=True, few_shot=4, ops="+-")
+    assert "*" not in "".join(m["content"] for m in chat[1:-1:2])
 
 
 def test_task_datasets() -> None:

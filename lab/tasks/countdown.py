@@ -56,13 +56,24 @@ PREFILL = "Let me solve this step by step.\n<think>"
 # The paper's raw-text prompt for base models (PAPER.md), verbatim.
 BASE_TEMPLATE = SYSTEM_INTRO + "\nUser: " + QUESTION + "\nAssistant: " + PREFILL
 
-# Worked examples for few-shot prompts (small, solvable, in the exact answer format).
+# Worked examples for few-shot prompts (small, solvable, in the exact answer format). A prompt uses
+# the first ones whose answer needs only the allowed operations.
 FEW_SHOT = (
     ([3, 5], 8, "3 + 5 = 8. That is the target.", "3 + 5"),
     ([9, 4], 5, "9 + 4 = 13, too big. 9 - 4 = 5. That is the target.", "9 - 4"),
     ([6, 7], 42, "6 + 7 = 13, too small. 6 * 7 = 42. That is the target.", "6 * 7"),
     ([12, 3], 4, "12 - 3 = 9, no. 12 / 3 = 4. That is the target.", "12 / 3"),
+    ([2, 7], 9, "2 + 7 = 9. That is the target.", "2 + 7"),
+    ([15, 6], 9, "15 + 6 = 21, too big. 15 - 6 = 9. That is the target.", "15 - 6"),
 )
+
+
+def few_shot_examples(count: int, ops: str = "+-*/") -> list[tuple[list[int], int, str, str]]:
+    """The first ``count`` worked examples whose answer uses only ``ops``."""
+    eligible = [ex for ex in FEW_SHOT if set(ex[3]) & set("+-*/") <= set(ops)]
+    if not isinstance(count, int) or not 0 <= count <= len(eligible):
+        raise ValueError(f"few_shot must be in 0..{len(eligible)} for ops={ops!r}, got {count!r}")
+    return eligible[:count]
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -283,18 +294,17 @@ def _answer_text(thoughts: str, answer: str) -> str:
 
 
 def make_prompt(
-    numbers: Sequence[int], target: int, *, chat: bool, few_shot: int = 0
+    numbers: Sequence[int], target: int, *, chat: bool, few_shot: int = 0, ops: str = "+-*/"
 ) -> str | list[dict[str, str]]:
     """The prompt for one problem.
 
     Base models (``chat=False``): the paper's raw-text template, ending in the assistant prefill
     ``"Let me solve this step by step.\\n<think>"``; chat models: the same question as a user message
-    (TRL applies the chat template). ``few_shot`` worked examples (0..4) come first, as earlier turns.
+    (TRL applies the chat template). ``few_shot`` worked examples using only ``ops`` come first, as
+    earlier turns (chat) or earlier exchanges (base).
     """
-    if not 0 <= few_shot <= len(FEW_SHOT):
-        raise ValueError(f"few_shot must be in 0..{len(FEW_SHOT)}, got {few_shot!r}")
+    examples = few_shot_examples(few_shot, ops)
     numbers = [int(x) for x in numbers]
-    examples = FEW_SHOT[:few_shot]
     if not chat:
         shots = "".join(
             BASE_TEMPLATE.format(numbers=list(ns), target=t)[len(SYSTEM_INTRO) :] + " " + _answer_text(th, a)
@@ -333,7 +343,10 @@ class CountdownTask(Task):
             raise ValueError(f"source must be 'generated' or 'hub', got {source!r}")
         rows = {
             "prompt": [
-                make_prompt(p["numbers"], p["target"], chat=chat, few_shot=few_shot) for p in problems
+                make_prompt(
+                    p["numbers"], p["target"], chat=chat, few_shot=few_shot, ops=options.get("ops", "+-*/")
+                )
+                for p in problems
             ],
             "numbers": [list(p["numbers"]) for p in problems],
             "target": [int(p["target"]) for p in problems],
