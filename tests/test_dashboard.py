@@ -265,7 +265,7 @@ def test_overview_figures_one_colour_per_label(complete_runs):
     groups = group_by_label(complete_runs)
     assert list(groups)[:4] == ["grpo", "dapo", "dr_grpo", "delta_l"]
     fig = overview.reward_figure(groups)
-    lines = [t for t in fig.data if t.mode == "lines"]
+    lines = [t for t in fig.data if t.fill != "toself"]
     assert len(lines) == len(groups)
     for trace, label in zip(lines, groups, strict=True):
         assert trace.line.color == colors.color_for(label)
@@ -287,7 +287,7 @@ def test_lengths_figures(complete_runs):
     }
     assert len(lengths.mean_max_figure(groups).data) >= 2 * len(groups)
     trunc = lengths.truncation_figure(groups)
-    assert all(0 <= y <= 1 for t in trunc.data if t.mode == "lines" for y in t.y)
+    assert all(0 <= y <= 1 for t in trunc.data if t.fill != "toself" for y in t.y)
 
 
 def test_noise_figures(complete_runs):

@@ -48,7 +48,7 @@ def add_band_line(
         y = list(curve["hi"]) + list(curve["lo"][::-1])
         fig.add_trace(
             go.Scatter(
-                x=x, y=y, fill="toself", fillcolor=rgba(color, 0.15), line={"width": 0},
+                x=x, y=y, mode="lines", fill="toself", fillcolor=rgba(color, 0.15), line={"width": 0},
                 hoverinfo="skip", showlegend=False, legendgroup=name, name=f"{name} band",
             )
         )  # fmt: skip

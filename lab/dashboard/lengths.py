@@ -37,7 +37,7 @@ def distribution_figure(runs: Sequence[RunData], step: int) -> go.Figure:
             go.Violin(
                 y=batch.lengths, x=[run.run_id] * batch.lengths.size, name=display_name(run.label),
                 legendgroup=run.label, line_color=color_for(run.label), box_visible=True,
-                meanline_visible=True, points="all", pointpos=0, jitter=0.3, marker_size=3,
+                meanline_visible=True, points="all", pointpos=0, spanmode="hard", jitter=0.3, marker_size=3,
                 hovertemplate=f"{run.run_id} (step {batch.step})<br>length %{{y}}<extra></extra>",
             )
         )  # fmt: skip
@@ -70,7 +70,7 @@ def violin_over_time(groups: Groups, *, slices: int = 10) -> go.Figure:
                     meanline_visible=True, hoverinfo="skip",
                 )
             )  # fmt: skip
-    fig.update_layout(violinmode="group", hovermode="closest")
+    fig.update_layout(violinmode="group", violingap=0.15, violingroupgap=0.05, hovermode="closest")
     fig.update_xaxes(type="category")
     return fig
 

@@ -1,0 +1,135 @@
+"""Real-browser test: ``streamlit run app.py`` on a free port, headless Debian Chromium through Playwright.
+
+Visits every tab on synthetic fixture runs (one of them live), waits for the plotly charts, asserts there is
+no exception box, checks that a live run's chart updates by itself, and saves screenshots (to tmp_path, and
+to $LAB_ARTIFACTS when set).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lab.runlog import RunWriter
+from tests.fixtures_runs import SyntheticRun, append_step, make_complete, no_fsync, write_run
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+LIVE = SyntheticRun("dr_grpo", seed=1, steps=45, max_steps=90, state="running")
+# tab → (plotly charts it draws on these fixtures, a text only that tab shows)
+TABS = {
+    "Overview": (3, "Final scores"),
+    "Lengths": (4, "Steps shown over time"),
+    "Gradient noise": (3, "Probe step"),
+    "Weights": (2, "How α changes ΔL"),
+    "Estimator playground": (3, "Monte Carlo trials"),
+    "Launch": (0, "Comparison name"),
+}
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian chromium not installed at {CHROMIUM}"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path) -> Iterator[tuple[str, Path]]:
+    """A streamlit server on fixture runs: the complete comparison plus one running run."""
+    runs = tmp_path / "runs"
+    with no_fsync():
+        make_complete(runs)
+        write_run(runs, LIVE)
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+           "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+           "--", "--runs-dir", str(runs)]  # fmt: skip
+    log = open(tmp_path / "streamlit.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail(f"streamlit did not start:\n{(tmp_path / 'streamlit.log').read_text()}")
+                time.sleep(0.3)
+        yield url, runs
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def save(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"dashboard-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("LAB_ARTIFACTS"):
+        target = Path(os.environ["LAB_ARTIFACTS"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.name)
+    return path
+
+
+def wait_for_charts(page, n: int) -> None:
+    """Wait until ``n`` visible plotly charts of the main area have drawn their traces."""
+    if n:
+        page.wait_for_function(
+            "n => Array.from(document.querySelectorAll('[data-testid=stMain] .js-plotly-plot'))"
+            "  .filter(e => e.offsetParent !== null && e.querySelector('g.trace')).length >= n",
+            arg=n,
+            timeout=30_000,
+        )
+
+
+def test_dashboard_in_chromium(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, runs = server
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            page.goto(url, timeout=30_000)
+            for tab, (n_charts, marker) in TABS.items():
+                page.get_by_role("tab", name=tab).click()
+                page.get_by_text(marker).first.wait_for(timeout=30_000)
+                wait_for_charts(page, n_charts)
+                page.wait_for_timeout(500)
+                assert page.locator("[data-testid=stException]").count() == 0, f"exception box on {tab}"
+                shot = save(page, tmp_path, tab.lower().replace(" ", "-"))
+                assert shot.stat().st_size > 10_000
+
+            # live: a new step of the running run shows up without a reload (fragment refresh)
+            page.get_by_role("tab", name="Lengths").click()
+            page.get_by_text(f"Completion lengths at step {LIVE.steps}").wait_for(timeout=30_000)
+            append_step(
+                RunWriter(runs / "demo" / "dr_grpo-s1"), LIVE, LIVE.steps + 1, np.random.default_rng(0)
+            )
+            page.get_by_text(f"Completion lengths at step {LIVE.steps + 1}").wait_for(timeout=20_000)
+            assert page.locator("[data-testid=stException]").count() == 0
+            save(page, tmp_path, "lengths-live")
+        finally:
+            browser.close()
