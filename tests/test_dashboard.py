@@ -3,6 +3,7 @@ empty, corrupt), the incremental data layer, and the figure builders without str
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import textwrap
@@ -350,3 +351,13 @@ def test_runs_dir_resolution():
     assert runs_dir_from_args(["--runs-dir", "a"], {"LAB_RUNS_DIR": "b"}) == "a"
     assert runs_dir_from_args(["--other", "x"], {"LAB_RUNS_DIR": "b"}) == "b"
     assert runs_dir_from_args([], {}) == "runs"
+
+
+def test_stale_running_run_gets_a_warning(tmp_path):
+    with no_fsync():
+        run_dir = write_run(tmp_path, SyntheticRun("grpo", steps=2, max_steps=9, state="running"))
+    status = json.loads((run_dir / "status.json").read_text())
+    (run_dir / "status.json").write_text(json.dumps({**status, "updated": time.time() - 3600}))
+    run = RunData(run_dir)
+    run.refresh()
+    assert any("has not changed for" in w for w in run.warnings())

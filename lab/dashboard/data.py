@@ -8,6 +8,7 @@ stops polling once the run is no longer ``running``. Bad lines are counted (for 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import pandas as pd
 
 from lab.runlog import CONFIG, EVAL, METRICS, PROBES, SAMPLES, STATUS, RunReader, list_runs, read_json
 
+STALE_AFTER_S = 900  # a "running" run whose status.json is older than this gets a warning
 _SEED_RE = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
 # two-sided 95% Student t quantiles by degrees of freedom (no scipy in the lab's dependencies)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -291,6 +293,12 @@ class RunData:
             out.append(f"{self.run_id}: no readable {STATUS} (state unknown).")
         if not self.config:
             out.append(f"{self.run_id}: {CONFIG} is not readable yet.")
+        updated = self.status.get("updated")
+        if self.is_live and isinstance(updated, (int, float)) and time.time() - updated > STALE_AFTER_S:
+            minutes = (time.time() - updated) / 60
+            out.append(
+                f"{self.run_id} is marked running but its status has not changed for {minutes:.0f} min."
+            )
         if self.state == "failed":
             out.append(f"{self.run_id} failed: {self.status.get('error') or 'no error message'}")
         return out

@@ -267,9 +267,13 @@ def _launch_form(runs_dir: Path) -> None:
 
 
 def _launch_progress(current: launch.Launch) -> None:
-    @st.fragment(run_every=2.0 if current.running else None)
+    was_running = current.running
+
+    @st.fragment(run_every=2.0 if was_running else None)
     def progress() -> None:
         code = current.returncode
+        if was_running and code is not None:
+            st.rerun()  # it ended: a full rerun stops the timer and lists the new runs
         state = "running" if code is None else f"exited with code {code}"
         st.markdown(
             f"**Launch** `{current.out}`: {state} (pid {current.process.pid if current.process else '?'})"
