@@ -104,12 +104,13 @@ def parse_samples(record: dict) -> SampleBatch | None:
 
 def summarize_batch(batch: SampleBatch) -> dict[str, float]:
     """Per-step length summary: mean, max, quartiles and the truncation rate."""
-    q25, q50, q75 = np.percentile(batch.lengths, [25, 50, 75])
+    s = np.sort(batch.lengths)  # nearest-rank quartiles: one sort instead of np.percentile's overhead
+    q25, q50, q75 = (float(s[round(p * (s.size - 1))]) for p in (0.25, 0.5, 0.75))
     return {
         "step": batch.step,
-        "mean_length": float(batch.lengths.mean()),
-        "max_length": float(batch.lengths.max()),
-        "min_length": float(batch.lengths.min()),
+        "mean_length": float(s.mean()),
+        "max_length": float(s[-1]),
+        "min_length": float(s[0]),
         "q25": float(q25),
         "median": float(q50),
         "q75": float(q75),
