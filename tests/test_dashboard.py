@@ -168,10 +168,16 @@ def test_launch_view_starts_follows_and_stops_a_stand_in(tmp_path, monkeypatch):
 
 def test_build_compare_args_is_an_argument_list(monkeypatch):
     args = launch.build_compare_args(
-        "runs/x y", ["grpo", "delta_l"], steps=20, seeds="2", model="", extra="--alpha 0.75", prefix=["lab"]
+        "runs/x y",
+        ["grpo", "delta_l"],
+        steps=20,
+        seeds=2,
+        alpha=0.75,
+        extra="--probe-every 5",
+        prefix=["lab"],
     )
     assert args == ["lab", "compare", "--out", "runs/x y", "--aggregators", "grpo,delta_l", "--steps", "20",
-                    "--seeds", "2", "--alpha", "0.75"]  # fmt: skip
+                    "--seeds", "2", "--alpha", "0.75", "--probe-every", "5"]  # fmt: skip
     args = launch.build_compare_args("o", ["dapo"], steps=1, seeds=1, model="Qwen/Qwen2.5-0.5B", prefix=[])
     assert args[-2:] == ["--model", "Qwen/Qwen2.5-0.5B"]
     monkeypatch.delenv(launch.PREFIX_ENV, raising=False)

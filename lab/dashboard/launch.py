@@ -32,8 +32,9 @@ def build_compare_args(
     aggregators: Sequence[str],
     *,
     steps: int,
-    seeds: int | str,
+    seeds: int,
     model: str = "",
+    alpha: float = 1.0,
     extra: str = "",
     prefix: Sequence[str] | None = None,
 ) -> list[str]:
@@ -49,8 +50,10 @@ def build_compare_args(
         "--steps",
         str(int(steps)),
         "--seeds",
-        str(seeds).strip(),
+        str(int(seeds)),
     ]
+    if float(alpha) != 1.0:
+        args += ["--alpha", f"{float(alpha):g}"]
     if model.strip():
         args += ["--model", model.strip()]
     return args + shlex.split(extra)

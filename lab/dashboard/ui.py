@@ -247,15 +247,16 @@ def _launch_form(runs_dir: Path) -> None:
     name = st.text_input("Comparison name (folder under the runs dir)", default_name, key="ln_name")
     aggregators = st.multiselect("Aggregators", list(METHODS), default=list(METHODS), key="ln_aggs",
                                  format_func=display_name)  # fmt: skip
-    c1, c2, c3 = st.columns(3)
-    steps = c1.number_input("Steps", 1, 100_000, 50, key="ln_steps")
-    seeds = c2.text_input("Seeds (--seeds)", "1", key="ln_seeds")
-    model = c3.text_input("Model (empty: the embedded default)", "", key="ln_model")
-    extra = st.text_input("Extra arguments (e.g. --alpha 0.75)", "", key="ln_extra")
+    c1, c2, c3, c4 = st.columns(4)
+    steps = c1.number_input("Steps", 1, 100_000, 20, key="ln_steps")
+    seeds = c2.number_input("Seeds per aggregator", 1, 50, 1, key="ln_seeds")
+    alpha = c3.number_input("ΔL α", 0.0, 4.0, 1.0, 0.05, key="ln_alpha")
+    model = c4.text_input("Model (empty: the embedded default)", "", key="ln_model")
+    extra = st.text_input("Extra arguments (e.g. --probe-every 10)", "", key="ln_extra")
     out = runs_dir / name.strip()
     try:
         args = launch.build_compare_args(
-            out, aggregators, steps=int(steps), seeds=seeds, model=model, extra=extra
+            out, aggregators, steps=int(steps), seeds=int(seeds), model=model, alpha=float(alpha), extra=extra
         )
     except ValueError as err:
         st.warning(str(err))
