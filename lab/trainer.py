@@ -25,6 +25,7 @@ Everything else (generation, rewards, advantages, clipping, logging, checkpoints
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,19 +78,24 @@ class DeltaLGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with ``loss_type="delta_l"``; any other loss type is TRL's own, unchanged.
 
     After each generation batch, :attr:`generation_records` (main process) gets one dict of per-completion
-    lists (lengths, rewards, advantages, weights, truncated, group) that :mod:`lab.runlog` writes out.
+    lists (lengths, rewards, advantages, weights, truncated, group) that :mod:`lab.runlog` writes out, and
+    each of :attr:`generation_hooks` is called with ``(trainer, generation_batch)``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.generation_records: list[dict[str, Any]] = []
         self.log_completion_texts = False  # set True to keep the completion texts in generation_records
+        # Callables hook(trainer, generation_batch) run after each generation (e.g. lab.probes' gradient probe).
+        self.generation_hooks: list[Callable[[DeltaLGRPOTrainer, dict[str, Any]], None]] = []
 
     # -- 1. weights, once per generation batch --------------------------------------------------------
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         lengths, weights = self.attach_delta_l_weights(output)
         self._record_generation(output, lengths, weights)
+        for hook in self.generation_hooks:
+            hook(self, output)
         return output
 
     def attach_delta_l_weights(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
