@@ -29,6 +29,8 @@ A comparison is a folder of run dirs, ``runs/<comparison>/<run_id>/`` with ``run
 ``checkpoints/``
     Trainer checkpoints (``checkpoint-<step>``) for ``--resume``.
 
+During training, ``lab.runner.RunLogCallback`` (a transformers ``TrainerCallback``) writes these files
+through :class:`RunWriter`; this module itself imports no training code, so readers stay light.
 Writers append whole lines and flush after each; a crash leaves at most one partial last line, which
 :func:`read_jsonl` skips until it is complete. On resume, :func:`truncate_after` drops lines past the
 checkpoint step so that no step is logged twice.
@@ -281,87 +283,3 @@ def metrics_table(records: Iterable[Mapping[str, Any]]):
     if df.empty or "step" not in df:
         return pd.DataFrame()
     return df.drop_duplicates("step", keep="last").set_index("step").sort_index()
-
-
-# ---------------------------------------------------------------------------------------------------
-# the writer side during training: a transformers TrainerCallback
-# ---------------------------------------------------------------------------------------------------
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class RunLogCallback(_trainer_callback_base()):
-    """Writes metrics/samples/probes/status of a ``DeltaLGRPOTrainer`` run into a run dir, one step at a time.
-
-    Needs ``logging_steps=1``. Only the main process writes. ``trainer`` is attached after the trainer is
-    built (``callback.trainer = trainer``) so the callback can drain its ``generation_records`` and the
-    records of any probe hook listed in ``probe_hooks``.
-    """
-
-    def __init__(self, writer: RunWriter, *, max_length: int, alpha: float = 1.0, on_step=None):
-        self.writer = writer
-        self.max_length = int(max_length)
-        self.alpha = float(alpha)
-        self.trainer = None
-        self.probe_hooks: list = []
-        self.on_step = on_step  # optional callable(step, trainer) for evaluation; may return an eval record
-        self._step_started = time.perf_counter()
-        self._last_tokens: float | None = None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step_started = time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return  # the end-of-training summary has no "loss" key of a step
-        step = int(state.global_step)
-        elapsed = time.perf_counter() - self._step_started
-        record: dict[str, Any] = {
-            "step": step,
-            "wall_time": time.time(),
-            "step_time": logs.get("step_time", elapsed),
-        }
-        tokens = logs.get("num_tokens")
-        if tokens is not None and self._last_tokens is not None and elapsed > 0:
-            record["tokens_per_second"] = (tokens - self._last_tokens) / elapsed
-        if tokens is not None:
-            self._last_tokens = tokens
-        record.update(logs)
-        record.update(self._write_samples(step))
-        self._write_probes()
-        self.writer.log_metrics(record)
-        self.writer.set_status("running", step, state.max_steps)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.on_step is not None:
-            result = self.on_step(int(state.global_step), self.trainer)
-            if result:
-                self.writer.log_eval(result)
-
-    def _write_samples(self, step: int) -> dict[str, float]:
-        """Write the generation records of this step; return its counterfactual CV per aggregator."""
-        from lab.aggregation import METHODS, estimator_stats
-
-        if self.trainer is None:
-            return {}
-        records, self.trainer.generation_records = self.trainer.generation_records, []
-        cv: dict[str, float] = {}
-        for record in records:
-            record = {**record, "step": step}
-            self.writer.log_samples(record)
-            lengths = [n for n in record["lengths"] if n > 0]
-            if lengths:
-                m = max(self.max_length, max(lengths))
-                cv = {
-                    f"cv/{k}": estimator_stats(lengths, k, alpha=self.alpha, max_length=m)["cv"]
-                    for k in METHODS
-                }
-        return cv
-
-    def _write_probes(self) -> None:
-        for hook in self.probe_hooks:
-            records, hook.records = list(hook.records), []
-            for record in records:
-                self.writer.log_probe(record)
