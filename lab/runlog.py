@@ -180,14 +180,20 @@ def run_id(aggregator: str, seed: int, alpha: float = 1.0) -> str:
 class RunWriter:
     """Writes one run dir. Every method appends or atomically replaces; nothing is held in memory."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True):
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled  # False on non-main processes of a distributed run: they write nothing
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
         write_json_atomic(self.dir / CONFIG, config)
 
     def set_status(self, state: str, step: int, max_steps: int, error: str | None = None) -> None:
+        if not self.enabled:
+            return
         if state not in RUN_STATES:
             raise ValueError(f"unknown run state {state!r}; expected one of {RUN_STATES}")
         write_json_atomic(
@@ -201,19 +207,25 @@ class RunWriter:
             },
         )
 
+    def _append(self, name: str, record: Mapping[str, Any]) -> None:
+        if self.enabled:
+            append_jsonl(self.dir / name, record)
+
     def log_metrics(self, record: Mapping[str, Any]) -> None:
-        append_jsonl(self.dir / METRICS, record)
+        self._append(METRICS, record)
 
     def log_samples(self, record: Mapping[str, Any]) -> None:
-        append_jsonl(self.dir / SAMPLES, record)
+        self._append(SAMPLES, record)
 
     def log_eval(self, record: Mapping[str, Any]) -> None:
-        append_jsonl(self.dir / EVAL, record)
+        self._append(EVAL, record)
 
     def log_probe(self, record: Mapping[str, Any]) -> None:
-        append_jsonl(self.dir / PROBES, record)
+        self._append(PROBES, record)
 
     def truncate_after(self, step: int) -> None:
+        if not self.enabled:
+            return
         for name in LOG_FILES:
             truncate_after(self.dir / name, step)
 

@@ -277,7 +277,9 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False) -
 
     c = config.resolved()
     run_dir = Path(run_dir)
-    writer = RunWriter(run_dir)
+    from accelerate import PartialState
+
+    writer = RunWriter(run_dir, enabled=PartialState().is_main_process)  # one writer in a multi-process run
     checkpoint = _last_checkpoint(run_dir) if resume else None
     if resume and (run_dir / CONFIG).exists():
         saved = read_json(run_dir / CONFIG) or {}
