@@ -1,0 +1,404 @@
+r"""Gradient probes: per-sample gradients of the trainable (LoRA) parameters, and what they say about ΔL.
+
+The paper's assumption (PAPER.md) is that the unnormalized per-response gradient
+
+.. math::  g_i = \sum_{t=1}^{L_i} A_i \nabla_\theta \log \pi_\theta(o_{i,t} \mid q, o_{i,<t})
+
+has variance growing linearly with the response length, :math:`\mathrm{Var}(g_i) \approx V L_i`.
+This module measures it instead of assuming it:
+
+1. :func:`per_sample_gradients` computes :math:`g_i` (one row per completion, flattened over the trainable
+   parameters) on a real generation batch. With ``advantages=None`` every :math:`A_i = 1`, which gives the
+   *score-function* gradient :math:`s_i = \sum_t \nabla_\theta \log\pi_\theta(o_{i,t}\mid\cdot)`: the object
+   the :math:`\mathrm{Var} \propto L` assumption is about (:math:`g_i = A_i s_i`).
+2. :func:`probe_statistics` fits :math:`\mathrm{Var}(g_i)` against :math:`L_i` and measures, by bootstrap
+   over responses, the coefficient of variation of every aggregator's :math:`\hat g = \sum_i x_i g_i`
+   (weights :math:`x_i` from :func:`lab.aggregation.sequence_weights`, never re-derived here).
+3. :func:`make_probe_hook` runs both inside :class:`lab.trainer.DeltaLGRPOTrainer` every ``k`` steps and
+   logs ``probe/*`` metrics and a ``probes.jsonl`` record (:mod:`lab.runlog`).
+
+Cost (measured on the 2-core CPU machine of FACTS.md, 1 thread, SmolLM2-135M with LoRA r=16 on q/k/v/o,
+1.8 M trainable parameters): one forward + backward per completion, about
+:data:`MEASURED_SECONDS_PER_ROW` seconds per completion of ~210 tokens (150 prompt + up to 64 completion),
+i.e. ~20 s for 8 completions, ~40 s for 16: the FLOPs of one more forward + backward over the batch.
+2 threads were 4-8x *slower* on that shared machine; use ``torch.set_num_threads(1)``. The tiny test model
+takes ~0.15 s per row. ``torch.func.vmap(grad(...))`` does not work on HF models here (the attention-mask
+code branches on tensor values: "vmap: ... data-dependent control flow"), hence the row loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from lab.aggregation import METHODS, check_alpha, counterfactual_cv, sequence_weights
+
+#: seconds per completion of one probe on the embedded model, CPU, 1 thread (see module docstring)
+MEASURED_SECONDS_PER_ROW = 2.6
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. per-sample gradients
+# ---------------------------------------------------------------------------------------------------
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters the optimizer updates (``requires_grad``): the LoRA adapters for a peft model."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+    return params
+
+
+def _row_log_probs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    r""":math:`\log \pi_\theta(o_t \mid q, o_{<t})` for each completion token of one row, shape ``(T,)``.
+
+    The prompt keeps its (left) padding, so positions are exactly those of TRL's batched forward; the
+    completion is passed up to its last real token only (later tokens cannot change earlier ones).
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids]).unsqueeze(0)
+    attention_mask = torch.cat([prompt_mask, torch.ones_like(completion_ids)]).unsqueeze(0)
+    T = completion_ids.shape[0]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # the logit at position p predicts token p+1: keep the T positions before each completion token
+    logits = logits[0, -T - 1 : -1].float() / temperature
+    # $\log \pi_\theta(o_t \mid q, o_{<t}) = \log \mathrm{softmax}(z_t)[o_t]$
+    return torch.log_softmax(logits, dim=-1).gather(1, completion_ids.unsqueeze(1)).squeeze(1)
+
+
+def per_sample_gradients(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor | Sequence[float] | None = None,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    r"""Per-response gradients :math:`g_i` of the trainable parameters, one row each: shape ``(N, P)``.
+
+    .. math::  g_i = \sum_{t} m_{i,t}\, A_i\, \nabla_\theta \log \pi_\theta(o_{i,t} \mid q_i, o_{i,<t})
+
+    with :math:`m_{i,t}` the completion mask (so :math:`L_i = \sum_t m_{i,t}`) and :math:`A_i = 1` when
+    ``advantages`` is None (the score function :math:`s_i`). :math:`P` is the number of trainable scalars
+    (``requires_grad`` parameters in :meth:`~torch.nn.Module.named_parameters` order, each flattened).
+
+    Inputs are TRL's generation-batch tensors: ``prompt_ids``/``prompt_mask`` ``(N, P_len)`` (left padded),
+    ``completion_ids``/``completion_mask`` ``(N, T)``. ``temperature`` divides the logits as in sampling.
+
+    One forward + backward per row with :func:`torch.autograd.grad`, so nothing is written into the
+    parameters' ``.grad`` (a gradient being accumulated by a trainer is left as it was). The model is put
+    in eval mode during the probe (no dropout; HF disables gradient checkpointing) and restored after.
+    ``torch.func.vmap`` over rows fails on HF models (data-dependent control flow in the mask code), so
+    this is a loop; each row is trimmed to its last real token, which a padded batch could not do.
+    """
+    params = [p for _, p in trainable_parameters(model)]
+    n_rows = completion_ids.shape[0]
+    adv = torch.ones(n_rows) if advantages is None else torch.as_tensor(advantages, dtype=torch.float32)
+    out = torch.zeros(n_rows, sum(p.numel() for p in params), dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(n_rows):
+            out[i] = _row_gradient(
+                model,
+                params,
+                prompt_ids[i],
+                prompt_mask[i],
+                completion_ids[i],
+                completion_mask[i],
+                float(adv[i]),
+                temperature,
+            )
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _row_gradient(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantage: float,
+    temperature: float,
+) -> torch.Tensor:
+    """The flattened :math:`g_i` of one row (zeros for an empty completion or a zero advantage)."""
+    real = completion_mask.nonzero()
+    if real.numel() == 0 or advantage == 0.0:
+        return torch.zeros(sum(p.numel() for p in params))
+    end = int(real.max()) + 1  # up to the last real token
+    logp = _row_log_probs(model, prompt_ids, prompt_mask, completion_ids[:end], temperature)
+    # $g_i = \nabla_\theta\, A_i \sum_t m_{i,t} \log\pi_\theta(o_{i,t} \mid q, o_{i,<t})$
+    objective = advantage * (logp * completion_mask[:end].to(logp)).sum()
+    grads = torch.autograd.grad(objective, params, allow_unused=True)
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).detach().float().reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. statistics: Var(g_i) against L_i, and the measured CV of each aggregator
+# ---------------------------------------------------------------------------------------------------
+def _centering_matrix(n: int, group_size: int | None) -> torch.Tensor:
+    r""":math:`C` with :math:`(C g)_i = g_i - \bar g` (:math:`\bar g` = mean of the batch, or of i's group)."""
+    if group_size is None:
+        group_size = n
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size={group_size!r} must be a positive divisor of the number of rows {n}")
+    groups = torch.arange(n) // group_size
+    same = (groups[:, None] == groups[None, :]).to(torch.float64)
+    return torch.eye(n, dtype=torch.float64) - same / group_size
+
+
+def _least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    r"""Ordinary least squares :math:`y \approx a + b x`: returns ``(b, a, r)`` with r Pearson's correlation.
+
+    :math:`b = \mathrm{cov}(x, y) / \mathrm{var}(x)`, :math:`a = \bar y - b \bar x`,
+    :math:`r = \mathrm{cov}(x, y) / (\sigma_x \sigma_y)`; NaN where undefined (fewer than two distinct x).
+    """
+    if x.numel() < 2:
+        return math.nan, math.nan, math.nan
+    dx, dy = x - x.mean(), y - y.mean()
+    sxx, syy, sxy = float(dx @ dx), float(dy @ dy), float(dx @ dy)
+    if sxx <= 0:
+        return math.nan, math.nan, math.nan
+    slope = sxy / sxx
+    intercept = float(y.mean()) - slope * float(x.mean())
+    corr = sxy / math.sqrt(sxx * syy) if syy > 0 else math.nan
+    return slope, intercept, corr
+
+
+def grad_variances(grads: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    r"""Per-sample variance proxy :math:`v_i = \lVert g_i - \bar g \rVert^2`, shape ``(N,)`` (float64).
+
+    :math:`\bar g` is the mean over the batch (or over i's group of ``group_size`` consecutive rows).
+    For independent :math:`g_i` with covariance :math:`\Sigma_i`,
+    :math:`E[v_i] = (1 - 2/n)\,\mathrm{tr}\,\Sigma_i + \frac{1}{n^2}\sum_j \mathrm{tr}\,\Sigma_j`:
+    linear in :math:`\mathrm{tr}\,\Sigma_i = \sum_p \mathrm{Var}(g_{i,p})`, so a fit of :math:`v_i` against
+    :math:`L_i` has the same correlation and a slope scaled by :math:`(1 - 2/n)`.
+    """
+    centered = _centering_matrix(grads.shape[0], group_size) @ grads.double()
+    return centered.square().sum(-1)
+
+
+def bootstrap_cv(
+    grads: torch.Tensor,
+    lengths: torch.Tensor,
+    method: str,
+    *,
+    alpha: float = 1.0,
+    max_length: float,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    gram: torch.Tensor | None = None,
+) -> float:
+    r"""Measured CV of :math:`\hat g = \sum_i x_i g_i` by bootstrap over responses.
+
+    Each replicate :math:`b` resamples :math:`N` rows with replacement (indices :math:`i_{b,1..N}`), takes
+    the weights of the resampled lengths :math:`x_{b,k} = x(L_{i_{b,k}})` and forms
+    :math:`\hat g_b = \sum_k x_{b,k} g_{i_{b,k}} = W_b^\top g` (:math:`W_b` = the weights summed per
+    original row). Then
+
+    .. math::  \mathrm{CV} = \sqrt{E_b \lVert \hat g_b - E_b \hat g_b \rVert^2} \,/\, \lVert E_b \hat g_b \rVert
+
+    computed through the Gram matrix :math:`K = g g^\top` (never the ``(B, P)`` replicates):
+    :math:`\lVert (W_b - \bar W)^\top g \rVert^2 = (W_b - \bar W)^\top K (W_b - \bar W)`.
+    For GRPO and DAPO the replicates' total weight :math:`\sum_k x_{b,k}` varies with the lengths drawn,
+    and that spread (their bias) counts in the measured CV.
+    """
+    n = grads.shape[0]
+    K = gram if gram is not None else grads.double() @ grads.double().T
+    gen = torch.Generator().manual_seed(int(seed))
+    idx = torch.randint(0, n, (n_bootstrap, n), generator=gen)
+    # $x_{b,k} = x(L_{i_{b,k}})$ for every replicate at once (sequence_weights works along the last dim)
+    x = sequence_weights(lengths.double()[idx], method, alpha=alpha, max_length=max_length)
+    # $W_b$: the weight each original row receives in replicate b
+    W = torch.zeros(n_bootstrap, n, dtype=torch.float64).scatter_add_(1, idx, x)
+    D = W - W.mean(0)
+    # $E_b \lVert \hat g_b - \bar{\hat g} \rVert^2 = \mathrm{mean}_b\, D_b^\top K D_b$
+    spread = float(((D @ K) * D).sum(-1).mean())
+    # $\lVert \bar{\hat g} \rVert^2 = \bar W^\top K \bar W$
+    center = float(W.mean(0) @ K @ W.mean(0))
+    return math.sqrt(max(spread, 0.0)) / math.sqrt(center) if center > 0 else math.inf
+
+
+def probe_statistics(
+    grads: torch.Tensor,
+    lengths: torch.Tensor | Sequence[float],
+    *,
+    alpha: float = 1.0,
+    max_length: float,
+    group_size: int | None = None,
+    advantages: torch.Tensor | Sequence[float] | None = None,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    methods: Iterable[str] = METHODS,
+) -> dict[str, Any]:
+    r"""Var(g_i) against L_i, and the measured CV of each aggregator, from per-sample gradients.
+
+    Args:
+        grads: ``(N, P)`` per-sample gradients (:func:`per_sample_gradients`).
+        lengths: ``(N,)`` completion lengths :math:`L_i`; rows of length 0 are dropped.
+        alpha, max_length: the ΔL exponent and the constant :math:`M` for the aggregator weights.
+        group_size: center :math:`\bar g` per group of this many consecutive rows (one prompt each).
+        advantages: if given, ``grads`` are score functions :math:`s_i` and the CVs are measured on
+            :math:`g_i = A_i s_i` (the policy gradient the aggregators combine); the variance fit stays on
+            ``grads`` (with advantages, :math:`A_i^2` would mix into :math:`\mathrm{Var}(g_i)`).
+
+    Returns a dict (the ``probes.jsonl`` record of :mod:`lab.runlog`, without ``step``):
+
+    - ``lengths``, ``grad_variances``: :math:`L_i` and :math:`v_i` of :func:`grad_variances`;
+    - ``slope``, ``intercept``, ``correlation``: least squares :math:`v_i \approx a + b L_i`;
+    - ``exponent``, ``log_correlation``: least squares :math:`\log v_i \approx c + k \log L_i`
+      (:math:`k = 1` is the paper's assumption; :math:`k = 2` is what fully correlated token terms give);
+    - ``cv``: ``{method: bootstrap CV}`` (:func:`bootstrap_cv`); ``cv_theory``: the closed-form CV under
+      :math:`\mathrm{Var}(g_i) = V L_i` on the same lengths (:func:`lab.aggregation.counterfactual_cv`).
+    """
+    alpha = check_alpha(alpha)
+    L = torch.as_tensor(lengths, dtype=torch.float64).reshape(-1)
+    if grads.ndim != 2 or grads.shape[0] != L.shape[0]:
+        raise ValueError(
+            f"grads must have shape (N, P) with N = len(lengths) = {L.shape[0]}, got {tuple(grads.shape)}"
+        )
+    v = grad_variances(grads, group_size)
+    keep = L > 0
+    L_act, v_act = L[keep], v[keep]
+    slope, intercept, corr = _least_squares(L_act, v_act)
+    pos = v_act > 0
+    exponent, _, log_corr = _least_squares(L_act[pos].log(), v_act[pos].log())
+    g = grads[keep].double()
+    if advantages is not None:
+        g = g * torch.as_tensor(advantages, dtype=torch.float64).reshape(-1)[keep].unsqueeze(1)
+    gram = g @ g.T
+    methods = tuple(methods)
+    cv = {
+        m: bootstrap_cv(
+            g, L_act, m, alpha=alpha, max_length=max_length, n_bootstrap=n_bootstrap, seed=seed, gram=gram
+        )
+        for m in methods
+    }
+    return {
+        "lengths": L.tolist(),
+        "grad_variances": v.tolist(),
+        "slope": slope,
+        "intercept": intercept,
+        "correlation": corr,
+        "exponent": exponent,
+        "log_correlation": log_corr,
+        "cv": cv,
+        "cv_theory": counterfactual_cv(L_act, alpha=alpha, max_length=max_length, methods=methods),
+        "n": int(keep.sum()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. the trainer hook
+# ---------------------------------------------------------------------------------------------------
+class ProbeHook:
+    """``hook(trainer, output)``: a gradient probe on every ``every``-th generation batch.
+
+    Called by the trainer after each generation batch (``trainer.generation_hooks``) with TRL's output
+    dict (``prompt_ids``, ``prompt_mask``, ``completion_ids``, ``completion_mask``, ``advantages``, ...).
+    When ``trainer.state.global_step % every == 0`` it computes the score-function gradients of (at most
+    ``max_rows``) completions, :func:`probe_statistics` on them, appends a record to :attr:`records`
+    (``step`` = ``global_step + 1``, the optimizer step these completions train, as in ``samples.jsonl``;
+    plus ``seconds``, the probe's cost) and flat metrics ``probe/cv/<method>``, ``probe/var_length_slope``,
+    ``probe/var_length_corr``, ``probe/var_length_exponent``, ``probe/seconds`` to
+    ``trainer._metrics["train"]``. Only the main process probes (its own rows).
+    """
+
+    def __init__(self, every: int, *, max_rows: int | None = None, n_bootstrap: int = 200, seed: int = 0):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.every, self.max_rows, self.n_bootstrap, self.seed = every, max_rows, n_bootstrap, seed
+        self.records: list[dict[str, Any]] = []
+
+    def __call__(self, trainer: Any, output: dict[str, Any]) -> dict[str, Any] | None:
+        step = int(trainer.state.global_step)
+        accelerator = getattr(trainer, "accelerator", None)
+        if step % self.every or (accelerator is not None and not accelerator.is_main_process):
+            return None
+        record = self.probe(trainer, output)
+        record["step"] = step + 1
+        self.records.append(record)
+        self._log_metrics(trainer, record)
+        return record
+
+    def probe(self, trainer: Any, output: dict[str, Any]) -> dict[str, Any]:
+        """The probe record of one generation batch (no step, no side effects on the trainer)."""
+        start = time.perf_counter()
+        group = getattr(trainer, "num_generations", None)
+        rows = self._rows(output["completion_ids"].shape[0], group)
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        mask = mask[:rows]
+        args = getattr(trainer, "args", None)
+        grads = per_sample_gradients(
+            trainer.model,
+            output["prompt_ids"][:rows],
+            output["prompt_mask"][:rows],
+            output["completion_ids"][:rows],
+            mask,
+            temperature=float(getattr(trainer, "temperature", 1.0)),
+        )
+        lengths = mask.sum(-1).cpu()
+        record = probe_statistics(
+            grads,
+            lengths,
+            alpha=float(getattr(args, "delta_l_alpha", 1.0)),
+            max_length=max(float(trainer.max_completion_length), float(lengths.max())),
+            group_size=group if group and rows % group == 0 else None,
+            advantages=output["advantages"][:rows].detach().cpu().reshape(rows, -1)[:, 0],
+            n_bootstrap=self.n_bootstrap,
+            seed=self.seed,
+        )
+        record["seconds"] = time.perf_counter() - start
+        return record
+
+    def _rows(self, n: int, group: int | None) -> int:
+        """How many leading rows to probe: all, or ``max_rows`` rounded down to whole groups."""
+        if self.max_rows is None or self.max_rows >= n:
+            return n
+        if group and self.max_rows >= group:
+            return self.max_rows - self.max_rows % group
+        return max(self.max_rows, 2)
+
+    @staticmethod
+    def _log_metrics(trainer: Any, record: dict[str, Any]) -> None:
+        metrics = getattr(trainer, "_metrics", None)
+        if metrics is None:
+            return
+        train = metrics["train"]
+        flat = {f"probe/cv/{m}": v for m, v in record["cv"].items()}
+        flat |= {
+            "probe/var_length_slope": record["slope"],
+            "probe/var_length_corr": record["correlation"],
+            "probe/var_length_exponent": record["exponent"],
+            "probe/seconds": record["seconds"],
+        }
+        for name, value in flat.items():
+            if value is not None and math.isfinite(value):
+                train[name].append(float(value))
+
+
+def make_probe_hook(
+    every: int, *, max_rows: int | None = None, n_bootstrap: int = 200, seed: int = 0
+) -> Callable[[Any, dict[str, Any]], dict[str, Any] | None]:
+    """A :class:`ProbeHook` for ``trainer.generation_hooks``: probes every ``every`` steps; records in ``.records``."""
+    return ProbeHook(every, max_rows=max_rows, n_bootstrap=n_bootstrap, seed=seed)

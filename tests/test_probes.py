@@ -1,0 +1,200 @@
+"""lab.probes: per-sample gradients against autograd, statistics on synthetic gradients, the trainer hook."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from lab.aggregation import estimator_stats, sequence_weights
+from lab.models import load_model_and_tokenizer, lora_config
+from lab.probes import (
+    bootstrap_cv,
+    grad_variances,
+    make_probe_hook,
+    per_sample_gradients,
+    probe_statistics,
+    trainable_parameters,
+)
+
+M = 16
+LENGTHS = [16, 3, 9, 1, 12, 5, 7, 0]  # one empty completion on purpose
+ADVANTAGES = [1.0, -0.5, 0.3, -1.2, 0.8, 0.0, -0.4, 0.7]
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    model, _ = load_model_and_tokenizer("tiny")
+    model = get_peft_model(model, lora_config("tiny"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at 0, which would make every lora_A gradient 0: perturb it
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """A TRL-shaped generation batch: left-padded prompts, right-padded completions of varied length."""
+    gen = torch.Generator().manual_seed(0)
+    n, p_len = len(LENGTHS), 6
+    prompt_ids = torch.randint(5, 500, (n, p_len), generator=gen)
+    prompt_mask = torch.ones(n, p_len, dtype=torch.long)
+    prompt_mask[::2, :2] = 0  # left padding on half the rows
+    completion_ids = torch.randint(5, 500, (n, M), generator=gen)
+    completion_mask = torch.zeros(n, M, dtype=torch.long)
+    for i, length in enumerate(LENGTHS):
+        completion_mask[i, :length] = 1
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor(ADVANTAGES),
+    }
+
+
+@pytest.fixture(scope="module")
+def scores(lora_model, batch):
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+    return per_sample_gradients(lora_model, *(batch[k] for k in keys))
+
+
+def batched_objective_gradient(model, batch, x: torch.Tensor) -> torch.Tensor:
+    """Autograd gradient of Σ_i x_i Σ_t m_it A_i log π(o_it) from ONE padded batched forward."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    T = batch["completion_ids"].shape[1]
+    model.eval()
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, -T - 1 : -1].float()
+    logp = torch.log_softmax(logits, -1).gather(2, batch["completion_ids"].unsqueeze(2)).squeeze(2)
+    per_row = (logp * batch["completion_mask"]).sum(1) * batch["advantages"]
+    objective = (x.float() * per_row).sum()
+    params = [p for _, p in trainable_parameters(model)]
+    grads = torch.autograd.grad(objective, params)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_shapes_and_no_grad_leak(lora_model, scores):
+    n_params = sum(p.numel() for _, p in trainable_parameters(lora_model))
+    assert scores.shape == (len(LENGTHS), n_params)
+    assert all(p.grad is None for _, p in trainable_parameters(lora_model))
+    assert torch.all(scores[LENGTHS.index(0)] == 0)  # empty completion: no gradient
+    assert torch.isfinite(scores).all() and scores.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["delta_l", "grpo", "dapo", "dr_grpo"])
+def test_weighted_sum_equals_autograd_of_aggregated_objective(lora_model, batch, method):
+    """Σ_i x_i g_i (per-sample, one row at a time) == ∇ Σ_i x_i Σ_t A_i log π (one batched backward)."""
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+    g = per_sample_gradients(lora_model, *(batch[k] for k in keys))
+    x = sequence_weights(torch.tensor(LENGTHS), method, alpha=1.0, max_length=M)
+    expected = batched_objective_gradient(lora_model, batch, x)
+    got = (x.float().unsqueeze(1) * g).sum(0)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_advantages_scale_rows(lora_model, batch, scores):
+    """g_i = A_i s_i: the advantage is a per-row factor of the score-function gradient."""
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+    g = per_sample_gradients(lora_model, *(batch[k] for k in keys))
+    torch.testing.assert_close(g, scores * batch["advantages"].unsqueeze(1), rtol=1e-4, atol=1e-7)
+
+
+def synthetic_grads(lengths: torch.Tensor, dim: int = 400, seed: int = 0, mean: float = 0.0) -> torch.Tensor:
+    """g_i = μ + sqrt(L_i) z_i with z_i ~ N(0, I): Var(g_i) = L_i per coordinate, tr Σ_i = dim · L_i."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(lengths.shape[0], dim, generator=gen, dtype=torch.float64)
+    return mean + lengths.double().sqrt().unsqueeze(1) * z
+
+
+def test_variance_fit_recovers_var_proportional_to_length():
+    lengths = torch.arange(10, 410, 5, dtype=torch.float64)  # 80 rows
+    dim = 400
+    stats = probe_statistics(synthetic_grads(lengths, dim), lengths, max_length=500, n_bootstrap=20)
+    n = lengths.numel()
+    assert stats["correlation"] > 0.95
+    # E v_i = (1 - 2/n) dim L_i + dim mean(L)/n
+    assert stats["slope"] == pytest.approx((1 - 2 / n) * dim, rel=0.1)
+    assert stats["exponent"] == pytest.approx(1.0, abs=0.1)
+    assert len(stats["grad_variances"]) == n and stats["n"] == n
+
+
+def test_group_centering_removes_group_means():
+    lengths = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    grads = torch.tensor([[1.0], [3.0], [10.0], [14.0]])
+    v = grad_variances(grads, group_size=2)
+    torch.testing.assert_close(v, torch.tensor([1.0, 1.0, 4.0, 4.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="group_size"):
+        probe_statistics(grads, lengths, max_length=40, group_size=3)
+
+
+def test_bootstrap_cv_ordering_matches_theory():
+    """Under Var(g_i) ∝ L_i, ΔL(α=1) has the lowest measured CV of the unbiased estimators, as in theory."""
+    lengths = torch.tensor([20.0, 40, 80, 150, 300, 600, 1000, 2000] * 8)
+    grads = synthetic_grads(lengths, dim=200, mean=3.0)
+    measured = {
+        m: bootstrap_cv(grads, lengths, m, alpha=a, max_length=2048, n_bootstrap=300)
+        for m, a in (("delta_l", 1.0), ("dr_grpo", 1.0))
+    }
+    measured["delta_l_0.5"] = bootstrap_cv(
+        grads, lengths, "delta_l", alpha=0.5, max_length=2048, n_bootstrap=300
+    )
+    assert measured["delta_l"] < measured["delta_l_0.5"] < measured["dr_grpo"]
+    theory = {m: estimator_stats(lengths, m, max_length=2048)["cv"] for m in ("delta_l", "dr_grpo")}
+    ratio_measured = measured["dr_grpo"] / measured["delta_l"]
+    ratio_theory = theory["dr_grpo"] / theory["delta_l"]
+    assert ratio_measured == pytest.approx(ratio_theory, rel=0.35)
+
+
+def test_probe_statistics_keys_and_advantages(scores):
+    lengths = torch.tensor(LENGTHS)
+    stats = probe_statistics(scores, lengths, max_length=M, advantages=ADVANTAGES, n_bootstrap=20)
+    assert set(stats["cv"]) == {"grpo", "dapo", "dr_grpo", "delta_l"}
+    assert stats["n"] == len(LENGTHS) - 1
+    assert all(v > 0 for v in stats["cv"].values())
+    assert set(stats) >= {
+        "lengths",
+        "grad_variances",
+        "slope",
+        "intercept",
+        "correlation",
+        "exponent",
+        "cv_theory",
+    }
+    with pytest.raises(ValueError, match="shape"):
+        probe_statistics(scores[:3], lengths, max_length=M)
+
+
+def fake_trainer(model, step: int):
+    return SimpleNamespace(
+        model=model,
+        state=SimpleNamespace(global_step=step),
+        accelerator=SimpleNamespace(is_main_process=True),
+        args=SimpleNamespace(delta_l_alpha=1.0),
+        num_generations=4,
+        max_completion_length=M,
+        temperature=1.0,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )
+
+
+def test_hook_probes_every_k_steps_and_logs_metrics(lora_model, batch):
+    hook = make_probe_hook(every=2, max_rows=4, n_bootstrap=10)
+    trainer = fake_trainer(lora_model, step=1)
+    assert hook(trainer, batch) is None and hook.records == []
+    trainer.state.global_step = 2
+    record = hook(trainer, batch)
+    assert record is hook.records[0] and record["step"] == 3
+    assert len(record["lengths"]) == 4 and record["seconds"] > 0
+    train = trainer._metrics["train"]
+    for name in ("probe/cv/delta_l", "probe/cv/grpo", "probe/var_length_slope", "probe/var_length_corr"):
+        assert len(train[name]) == 1 and math.isfinite(train[name][0])
+    assert all(p.grad is None for _, p in trainable_parameters(lora_model))
+    with pytest.raises(ValueError, match="every"):
+        make_probe_hook(0)
