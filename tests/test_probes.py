@@ -103,7 +103,9 @@ def test_advantages_scale_rows(lora_model, batch, scores):
     """g_i = A_i s_i: the advantage is a per-row factor of the score-function gradient."""
     keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
     g = per_sample_gradients(lora_model, *(batch[k] for k in keys))
-    torch.testing.assert_close(g, scores * batch["advantages"].unsqueeze(1), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        g, scores * batch["advantages"].unsqueeze(1), rtol=1e-4, atol=1e-5 * float(g.abs().max())
+    )
 
 
 def synthetic_grads(lengths: torch.Tensor, dim: int = 400, seed: int = 0, mean: float = 0.0) -> torch.Tensor:
