@@ -47,6 +47,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta-l-scope", default="batch", choices=["batch", "group"])
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 20)")
     p.add_argument("--prompts-per-step", type=_positive_int, default=None)
+    p.add_argument(
+        "--micro-batch-size",
+        type=_positive_int,
+        default=None,
+        help="completions per forward/backward (default min(8, rows)); the step's batch is accumulated",
+    )
     p.add_argument("--num-generations", type=_positive_int, default=None, help="completions per prompt (G)")
     p.add_argument("--max-completion-length", type=_positive_int, default=None, help="M, in tokens")
     p.add_argument("--temperature", type=float, default=None)
@@ -105,6 +111,7 @@ def config_from_args(args: argparse.Namespace, aggregator: str):
         "delta_l_scope": args.delta_l_scope,
         "steps": args.steps,
         "prompts_per_step": args.prompts_per_step,
+        "micro_batch_size": args.micro_batch_size,
         "num_generations": args.num_generations,
         "max_completion_length": args.max_completion_length,
         "temperature": args.temperature,

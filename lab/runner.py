@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -43,6 +44,7 @@ class RunConfig:
     steps: int = 20
     seed: int = 0
     prompts_per_step: int = 4
+    micro_batch_size: int | None = None  # rows per forward/backward; None: min(8, rows per step)
     num_generations: int | None = None
     max_completion_length: int | None = None
     temperature: float | None = None
@@ -80,17 +82,25 @@ class RunConfig:
             c.shaped_reward = DEMO["shaped"] if demo else False
         if c.task_options is None:
             c.task_options = dict(DEMO["task_options"]) if demo else {}
-        for name in (
+        rows = c.prompts_per_step * c.num_generations if isinstance(c.num_generations, int) else 0
+        if c.micro_batch_size is None:
+            c.micro_batch_size = math.gcd(rows, 8) or 1
+        positive = (
             "steps",
             "prompts_per_step",
             "num_generations",
             "max_completion_length",
             "eval_k",
             "save_every",
-        ):
+        )
+        for name in (*positive, "micro_batch_size"):
             value = getattr(c, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if rows % c.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size={c.micro_batch_size!r} must divide the {rows} completions of a step"
+            )
         if c.num_generations < 2:
             raise ValueError(
                 f"num_generations must be >= 2 (a group needs a reward spread), got {c.num_generations!r}"
@@ -190,16 +200,18 @@ def _trl_args(c: RunConfig, run_dir: Path):
     from lab.trainer import DeltaLGRPOConfig
 
     on_gpu = torch.cuda.is_available()
+    accumulation = c.prompts_per_step * c.num_generations // c.micro_batch_size
     return DeltaLGRPOConfig(
         output_dir=str(run_dir / CHECKPOINTS),
         loss_type=c.aggregator,  # TRL's grpo / dapo / dr_grpo, or our delta_l
         delta_l_alpha=c.alpha,
         delta_l_scope=c.delta_l_scope,
         max_steps=c.steps,
-        per_device_train_batch_size=c.prompts_per_step
-        * c.num_generations,  # one generation per optimizer step
-        gradient_accumulation_steps=1,
-        steps_per_generation=1,
+        # One generation batch of prompts_per_step × num_generations completions per optimizer step, split
+        # into micro-batches (TRL shuffles and splits it; the ΔL weights are computed on the whole batch first).
+        per_device_train_batch_size=c.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=accumulation,
         num_generations=c.num_generations,
         max_completion_length=c.max_completion_length,
         temperature=c.temperature,
