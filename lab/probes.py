@@ -151,6 +151,62 @@ def _row_gradient(
     )
 
 
+@torch.no_grad()
+def sample_generation_batch(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sample ``num_generations`` completions per prompt into a TRL-shaped generation batch.
+
+    Returns ``prompt_ids``/``prompt_mask`` (left padded), ``completion_ids``/``completion_mask`` (the mask
+    covers the tokens up to and including the first end-of-sequence token, as TRL's does) and
+    ``lengths``; rows are grouped by prompt (``num_generations`` consecutive rows each). Prompts are
+    rendered as TRL renders them (:func:`lab.evaluation.render_prompt`).
+    """
+    from lab.evaluation import render_prompt
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted(
+        {*(eos if isinstance(eos, list) else [eos] if eos is not None else [])} | {tokenizer.eos_token_id}
+    )
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        texts = [render_prompt(p, tokenizer) for p in prompts]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old_side
+    out = model.generate(
+        **enc,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_generations,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids,
+    )
+    completion_ids = out[:, enc["input_ids"].shape[1] :]
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids))
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])
+    completion_mask = (torch.arange(completion_ids.shape[1]) <= first_eos.unsqueeze(1)).long()
+    return {
+        "prompt_ids": enc["input_ids"].repeat_interleave(num_generations, 0),
+        "prompt_mask": enc["attention_mask"].repeat_interleave(num_generations, 0),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "lengths": completion_mask.sum(1),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2. statistics: Var(g_i) against L_i, and the measured CV of each aggregator
 # ---------------------------------------------------------------------------------------------------
