@@ -200,3 +200,35 @@ def test_hook_probes_every_k_steps_and_logs_metrics(lora_model, batch):
     assert all(p.grad is None for _, p in trainable_parameters(lora_model))
     with pytest.raises(ValueError, match="every"):
         make_probe_hook(0)
+
+
+def test_hook_inside_delta_l_trainer(tmp_path):
+    """One real LoRA training step on the tiny model with the hook in trainer.generation_hooks."""
+    from datasets import Dataset
+
+    from lab.trainer import DeltaLGRPOConfig, DeltaLGRPOTrainer
+
+    model, tokenizer = load_model_and_tokenizer("tiny")
+    args = DeltaLGRPOConfig(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=8, report_to=[], bf16=False, use_cpu=True, gradient_checkpointing=False,
+        logging_steps=1, save_strategy="no", seed=0,
+    )  # fmt: skip
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say {i}."}] for i in range(4)]})
+    trainer = DeltaLGRPOTrainer(
+        model=model,
+        processing_class=tokenizer,
+        reward_funcs=lambda completions, **kw: [float(len(c[0]["content"]) % 3) for c in completions],
+        args=args,
+        train_dataset=data,
+        peft_config=lora_config("tiny"),
+    )
+    hook = make_probe_hook(every=1, n_bootstrap=10)
+    trainer.generation_hooks.append(hook)
+    trainer.train()
+    assert len(hook.records) == 1 and hook.records[0]["step"] == 1
+    assert len(hook.records[0]["grad_variances"]) == 4
+    logged = [h for h in trainer.state.log_history if "probe/seconds" in h]
+    assert logged, (
+        "probe/* metrics did not reach TRL's log"
+    )  # slope/corr are NaN (skipped) if all L_i are equal
