@@ -86,7 +86,9 @@ def _check_max_length(max_length: float, lengths: torch.Tensor) -> float:
         raise ValueError(f"max_length must be a positive finite number, got {max_length!r}")
     longest = float(lengths.max())
     if m < longest:
-        raise ValueError(f"max_length={max_length!r} is shorter than the longest response ({longest:g} tokens)")
+        raise ValueError(
+            f"max_length={max_length!r} is shorter than the longest response ({longest:g} tokens)"
+        )
     return m
 
 
@@ -191,7 +193,9 @@ def delta_l_row_weights(
         x = sequence_weights(lengths, "delta_l", alpha=alpha, max_length=max_length)
     else:
         if not isinstance(group_size, int) or group_size < 1 or n_rows % group_size:
-            raise ValueError(f"group_size={group_size!r} must be a positive divisor of the batch size {n_rows}")
+            raise ValueError(
+                f"group_size={group_size!r} must be a positive divisor of the batch size {n_rows}"
+            )
         grouped = lengths.view(-1, group_size)
         x = sequence_weights(grouped, "delta_l", alpha=alpha, max_length=max_length) / grouped.shape[0]
         x = x.reshape(-1)
@@ -316,11 +320,15 @@ def sample_lengths(
     reasoning near ``max_length`` (the case where aggregators disagree most).
     """
     if distribution not in LENGTH_DISTRIBUTIONS:
-        raise ValueError(f"unknown length distribution {distribution!r}; expected one of {LENGTH_DISTRIBUTIONS}")
+        raise ValueError(
+            f"unknown length distribution {distribution!r}; expected one of {LENGTH_DISTRIBUTIONS}"
+        )
     if group_size < 1 or n_groups < 1:
         raise ValueError(f"group_size and n_groups must be >= 1, got {group_size!r} and {n_groups!r}")
     if not 1 <= min_length <= max_length:
-        raise ValueError(f"need 1 <= min_length <= max_length, got min_length={min_length!r}, max_length={max_length!r}")
+        raise ValueError(
+            f"need 1 <= min_length <= max_length, got min_length={min_length!r}, max_length={max_length!r}"
+        )
     gen = torch.Generator().manual_seed(int(seed))
     shape = (n_groups, group_size)
     lo, hi = float(min_length), float(max_length)

@@ -171,8 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, ModelUnavailableError) as err:
         print(f"lab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _close_distributed()
     print(f"done: {args.out}  (dashboard: lab dashboard --runs-dir {args.out})")
     return 0
+
+
+def _close_distributed() -> None:
+    """Under torchrun/accelerate, shut the process group down (gloo aborts at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

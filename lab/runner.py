@@ -41,9 +41,9 @@ class RunConfig:
     delta_l_scope: str = "batch"
     task: str = DEMO["task"]
     model: str = EMBEDDED_MODEL
-    steps: int = 20
+    steps: int | None = None  # CPU demo: DEMO['steps']; otherwise 200
     seed: int = 0
-    prompts_per_step: int = 4
+    prompts_per_step: int | None = None  # CPU demo: DEMO['prompts_per_step']; otherwise 16
     micro_batch_size: int | None = None  # rows per forward/backward; None: min(8, rows per step)
     num_generations: int | None = None
     max_completion_length: int | None = None
@@ -72,6 +72,10 @@ class RunConfig:
             raise ValueError(f"unknown task {c.task!r}; expected one of {', '.join(TASKS)}")
         resolve_preset(c.model)
         demo = c.model in (EMBEDDED_MODEL, "tiny") and c.task == DEMO["task"]
+        if c.steps is None:
+            c.steps = DEMO["steps"] if demo else 200
+        if c.prompts_per_step is None:
+            c.prompts_per_step = DEMO["prompts_per_step"] if demo else 16
         if c.num_generations is None:
             c.num_generations = DEMO["num_generations"] if demo else 8
         if c.max_completion_length is None:
@@ -354,7 +358,7 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False) -
     if c.probe_every:
         from lab.probes import make_probe_hook
 
-        hook = make_probe_hook(c.probe_every, alpha=c.alpha, max_length=c.max_completion_length)
+        hook = make_probe_hook(c.probe_every, alpha=c.alpha, max_length=c.max_completion_length, max_rows=16)
         trainer.generation_hooks.append(hook)
         callback.probe_hooks.append(hook)
 

@@ -30,9 +30,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import trl.trainer.utils as _trl_utils
 from trl import GRPOConfig, GRPOTrainer
+from trl.kernels.chunked_logprob import _use_triton
 
 from lab.aggregation import check_alpha, delta_l_row_weights
+
+# TRL's fused LM head scores only the completion positions when Triton is available, and *every* position
+# (prompt included) elsewhere, to spare Neuron devices a recompile per shape. On CPU that is pure waste: for
+# the demo's 394-token prompts and 64-token completions, TRL's loss + backward took 9 s instead of 0.8 s
+# (benchmarks/step_time.py). Compacting on CPU too uses TRL's own masked path, as on CUDA.
+_trl_utils._use_triton = lambda device: device.type == "cpu" or _use_triton(device)
+
 
 # TRL 1.16's own loss types (GRPOTrainer._compute_loss), plus ours.
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")

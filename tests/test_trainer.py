@@ -206,6 +206,7 @@ all_lengths, weights = trainer.attach_delta_l_weights(batch)
 out = {"rank": rank, "world": trainer.accelerator.num_processes, "all_lengths": all_lengths.tolist(),
        "local_weights": batch["delta_l_weights"].tolist()}
 Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(out))
+torch.distributed.destroy_process_group()  # gloo aborts at exit if its threads are still up
 """
 
 

@@ -31,6 +31,12 @@ DEMO: dict[str, Any] = {
     "max_completion_length": 64,
     "temperature": 0.7,
     "top_p": 1.0,
+    # Run size of `lab compare` on CPU (2 cores): a step of 2 prompts x 8 completions (394 prompt + <=64
+    # completion tokens each) took 44 s here (19 s generation, 25 s LoRA forward/backward in 2 micro-batches
+    # of 8), so 4 steps x 4 aggregators fit in the 15-minute budget. Measured with
+    # `python benchmarks/cpu_compare.py` (see README "Benchmarks").
+    "steps": 4,
+    "prompts_per_step": 2,
     "measured": {
         "command": "python benchmarks/learning_signal.py  # 20 train prompts (seed 0) x 8 samples, 2 threads",
         "fraction_mixed_groups": 0.45,
