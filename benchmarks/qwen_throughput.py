@@ -60,7 +60,7 @@ QUICK_DEFAULTS = dict(gen_batch=2, prompt_len=32, new_tokens=16, train_batch=2, 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="0.5b", choices=["0.5b", "1.5b"], help="Qwen2.5 shape")
+    p.add_argument("--size", default="0.5b", choices=["0.5b", "1.5b", "3b", "7b"], help="Qwen2.5 shape")
     p.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
     p.add_argument("--gen-batch", type=int, default=None, help="prompts generated in parallel (B)")

@@ -231,9 +231,28 @@ def qwen25_shaped_config(size: str = "0.5b"):
             intermediate_size=8960,
             tie_word_embeddings=True,
         ),
+        "3b": dict(
+            hidden_size=2048,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            intermediate_size=11008,
+            tie_word_embeddings=True,
+        ),
+        "7b": dict(
+            hidden_size=3584,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            intermediate_size=18944,
+            tie_word_embeddings=False,
+        ),
     }
     if size not in shapes:
         raise ValueError(f"unknown Qwen2.5 size {size!r}; expected one of {sorted(shapes)}")
     return Qwen2Config(
-        vocab_size=151936, max_position_embeddings=32768, rope_theta=1_000_000.0, **shapes[size]
+        vocab_size=152064 if size == "7b" else 151936,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        **shapes[size],
     )
