@@ -241,3 +241,21 @@ def test_two_processes_compute_the_same_weights_as_one(tmp_path):
     two_process = torch.tensor(ranks[0]["local_weights"] + ranks[1]["local_weights"])
     one_process = delta_l_row_weights(LENGTHS, alpha=1.0, max_length=M).float()
     torch.testing.assert_close(two_process, one_process)
+
+
+def test_cpu_compacted_lm_head_gives_exact_log_probs(tmp_path, generation_batch):
+    """lab.trainer makes TRL's fused LM head score only completion positions on CPU; check it against logits."""
+    trainer = make_trainer(tmp_path)
+    b = generation_batch
+    input_ids = torch.cat([b["prompt_ids"], b["completion_ids"]], dim=1)
+    attention_mask = torch.cat([b["prompt_mask"], b["completion_mask"]], dim=1)
+    keep = b["completion_ids"].size(1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention_mask, keep
+        )
+        logits = trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -keep - 1 : -1]
+        expected = torch.log_softmax(logits / trainer.temperature, dim=-1)
+        expected = expected.gather(-1, b["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    mask = b["completion_mask"].bool()
+    torch.testing.assert_close(logps[mask], expected[mask], rtol=1e-4, atol=1e-4)
