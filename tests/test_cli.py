@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 from lab.aggregation import delta_l_row_weights
 from lab.cli import build_parser, main
 from lab.runlog import RunReader, read_json
+from tests.helpers import free_port
 
 FAST = [
     "--model",
@@ -206,12 +206,6 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
     result = lab(*args, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert steps_of(run_dir) == list(range(1, 9))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from trl.trainer.utils import split_tensor_dict
 from lab.aggregation import delta_l_row_weights
 from lab.models import load_model_and_tokenizer, lora_config
 from lab.trainer import DeltaLGRPOConfig, DeltaLGRPOTrainer
+from tests.helpers import free_port
 
 M = 16  # max_completion_length
 LENGTHS = [16, 3, 9, 1, 12, 5, 7, 2]  # two groups of 4, varied on purpose
@@ -191,6 +191,7 @@ DIST_SCRIPT = r"""
 import json, os, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, os.environ["LAB_TEST_DIR"])
+sys.path.insert(0, os.path.dirname(os.environ["LAB_TEST_DIR"]))
 from test_trainer import make_trainer, prompts_dataset
 from pathlib import Path
 trainer = make_trainer(Path(sys.argv[1]), alpha=1.0, per_device_train_batch_size=4)
@@ -208,12 +209,6 @@ out = {"rank": rank, "world": trainer.accelerator.num_processes, "all_lengths": 
 Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(out))
 torch.distributed.destroy_process_group()  # gloo aborts at exit if its threads are still up
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -79,12 +79,16 @@ class Task(ABC):
     name: str
 
     @abstractmethod
+    def _dataset(self, n: int, *, seed: int, chat: bool, split: str, **options: Any):
+        """``n`` problems of ``split`` ("train" or "eval") as a ``datasets.Dataset``."""
+
     def train_dataset(self, n: int, *, seed: int, chat: bool, **options: Any):
         """``n`` training problems as a ``datasets.Dataset`` (column ``prompt`` plus the task's columns)."""
+        return self._dataset(n, seed=seed, chat=chat, split="train", **options)
 
-    @abstractmethod
     def eval_dataset(self, n: int, *, seed: int, chat: bool, **options: Any):
         """``n`` evaluation problems, disjoint from every training set of the same task."""
+        return self._dataset(n, seed=seed, chat=chat, split="eval", **options)
 
     @abstractmethod
     def reward_funcs(self, *, shaped: bool = False) -> list[RewardFunc]:

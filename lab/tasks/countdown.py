@@ -353,12 +353,6 @@ class CountdownTask(Task):
         }
         return datasets.Dataset.from_dict(rows)
 
-    def train_dataset(self, n: int, *, seed: int, chat: bool, **options: Any):
-        return self._dataset(n, seed=seed, chat=chat, split="train", **options)
-
-    def eval_dataset(self, n: int, *, seed: int, chat: bool, **options: Any):
-        return self._dataset(n, seed=seed, chat=chat, split="eval", **options)
-
     def reward_funcs(self, *, shaped: bool = False) -> list[RewardFunc]:
         return [countdown_reward, countdown_shaped_reward] if shaped else [countdown_reward]
 

@@ -345,12 +345,6 @@ class MathTask(Task):
             }
         )
 
-    def train_dataset(self, n: int, *, seed: int, chat: bool, **options: Any):
-        return self._dataset(n, seed=seed, chat=chat, split="train", **options)
-
-    def eval_dataset(self, n: int, *, seed: int, chat: bool, **options: Any):
-        return self._dataset(n, seed=seed, chat=chat, split="eval", **options)
-
     def reward_funcs(self, *, shaped: bool = False) -> list[RewardFunc]:
         return [math_reward, math_shaped_reward] if shaped else [math_reward]
 
