@@ -84,9 +84,8 @@ def test_bad_values_give_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_train_writes_the_run_log(tmp_path):
-    result = lab(
-        "train", "--aggregator", "delta_l", "--alpha", "0.75", "--steps", "2", "--out", str(tmp_path), *FAST
-    )
+    result = lab("train", "--aggregator", "delta_l", "--alpha", "0.75", "--steps", "2", "--out", str(tmp_path),
+                 "--probe-every", "1", "--eval-prompts", "2", "--eval-k", "2", *FAST)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "delta_l-a0.75-s0"
     reader = RunReader(run_dir)
@@ -120,6 +119,11 @@ def test_train_writes_the_run_log(tmp_path):
     assert len(sample["lengths"]) == len(sample["weights"]) == len(sample["rewards"]) == 8
     expected = delta_l_row_weights(sample["lengths"], alpha=0.75, max_length=8).tolist()
     assert sample["weights"] == pytest.approx(expected, rel=1e-6)
+    assert [p["step"] for p in reader.probes] == [1, 2]  # --probe-every 1
+    assert set(reader.probes[0]["cv"]) == {"grpo", "dapo", "dr_grpo", "delta_l"}
+    assert len(reader.probes[0]["grad_variances"]) == len(reader.probes[0]["lengths"]) > 0
+    assert "probe/seconds" in metric
+    assert [e["step"] for e in reader.evals] == [2] and 0.0 <= reader.evals[0]["pass_at_k"] <= 1.0
 
 
 @pytest.mark.slow
@@ -210,24 +214,12 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_train_under_two_processes(tmp_path):
-    """What `accelerate launch -m lab.cli train` does on 2 GPUs, here with 2 CPU processes (gloo)."""
+    """`accelerate launch -m lab.cli train` with 2 CPU processes (gloo), as on 2 GPUs."""
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "lab.cli",
-        "train",
-        "--steps",
-        "2",
-        "--out",
-        str(tmp_path),
-        *FAST,
-    ]
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+        str(free_port()), "-m", "lab.cli", "train", "--steps", "2", "--out", str(tmp_path), *FAST,
+    ]  # fmt: skip
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     reader = RunReader(tmp_path / "delta_l-s0")
