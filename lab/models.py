@@ -172,22 +172,36 @@ def model_path(name: str) -> str:
     return preset.source
 
 
-def load_model_and_tokenizer(name: str, *, dtype: torch.dtype | None = None, device: str | None = None):
-    """Load ``(model, tokenizer)`` for a preset, hub id or local path, with a clear error when offline."""
+def _from_pretrained(path: str, dtype: torch.dtype):
+    """Local folder or HF cache first (no network round trips), then the hub unless HF_HUB_OFFLINE is set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    attempts = [True] if Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1" else [True, False]
+    for local_only in attempts:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+            return tokenizer, AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, local_files_only=local_only
+            )
+        except (OSError, ValueError):
+            if local_only is attempts[-1]:
+                raise
+    raise AssertionError("unreachable")
+
+
+def load_model_and_tokenizer(name: str, *, dtype: torch.dtype | None = None, device: str | None = None):
+    """Load ``(model, tokenizer)`` for a preset, hub id or local path, with a clear error when offline."""
     path = model_path(name)
     if dtype is None:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer, model = _from_pretrained(path, dtype)
     except (OSError, ValueError) as err:
         raise ModelUnavailableError(
-            f"could not load model {name!r} from {path!r}: {type(err).__name__}. It is not a local folder and the "
-            "model hub is not reachable (or the id is wrong). Download it on a machine with internet access "
-            f"(`huggingface-cli download {path} --local-dir DIR`) and pass `--model DIR`, or use the embedded "
-            f"default `--model {EMBEDDED_MODEL}`."
+            f"could not load model {name!r} from {path!r} ({type(err).__name__}): it is not a local folder, not "
+            "in the Hugging Face cache, and the hub is not reachable (or the id is wrong). Download it on a "
+            f"machine with internet access (`hf download {path} --local-dir DIR`) and pass `--model DIR`, "
+            f"or use the embedded default `--model {EMBEDDED_MODEL}`."
         ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
