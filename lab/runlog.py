@@ -42,7 +42,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,24 +110,6 @@ def read_jsonl(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:
         if isinstance(record, dict):
             records.append(record)
     return records, offset + end + 1
-
-
-def count_corrupt_lines(path: str | Path) -> int:
-    """Number of complete lines in ``path`` that are not JSON objects (for dashboard warnings)."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return 0
-    bad = 0
-    for raw in data[: data.rfind(b"\n") + 1].splitlines():
-        if not raw.strip():
-            continue
-        try:
-            ok = isinstance(json.loads(raw), dict)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            ok = False
-        bad += not ok
-    return bad
 
 
 def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> None:
@@ -285,13 +267,3 @@ def list_runs(root: str | Path) -> dict[str, list[Path]]:
         comparison = "." if run_dir.parent == root else run_dir.parent.name
         found.setdefault(comparison, []).append(run_dir)
     return found
-
-
-def metrics_table(records: Iterable[Mapping[str, Any]]):
-    """metrics records as a pandas DataFrame indexed by step (last record wins for a repeated step)."""
-    import pandas as pd
-
-    df = pd.DataFrame(list(records))
-    if df.empty or "step" not in df:
-        return pd.DataFrame()
-    return df.drop_duplicates("step", keep="last").set_index("step").sort_index()

@@ -8,7 +8,6 @@ prompts, seeds and sampling settings (a fair A/B), one run after another on one 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -423,7 +422,3 @@ def _versions() -> dict[str, str]:
         "trl": trl.__version__,
         "peft": peft.__version__,
     }
-
-
-def describe(config: RunConfig) -> str:
-    return json.dumps(dataclasses.asdict(config.resolved()), indent=2)
