@@ -229,3 +229,15 @@ def test_train_under_two_processes(tmp_path):
     assert len(sample["lengths"]) == 16  # 2 processes × 2 prompts × 4 generations, gathered
     expected = delta_l_row_weights(sample["lengths"], alpha=1.0, max_length=8).tolist()
     assert sample["weights"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_math_task_trains_end_to_end(tmp_path):
+    result = lab(
+        "train", "--task", "math", "--aggregator", "dr_grpo", "--steps", "1", "--out", str(tmp_path), *FAST
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reader = RunReader(tmp_path / "dr_grpo-s0")
+    reader.poll()
+    assert reader.config["task"] == "math" and [m["step"] for m in reader.metrics] == [1]
+    assert "rewards/math_reward/mean" in reader.metrics[0]
