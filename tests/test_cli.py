@@ -42,6 +42,12 @@ def lab(*args: str, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+def start_lab(*args: str) -> subprocess.Popen:
+    """`lab ...` in the background (stderr kept for failure messages)."""
+    return subprocess.Popen([sys.executable, "-m", "lab.cli", *args], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
 def steps_of(run_dir: Path) -> list[int]:
     reader = RunReader(run_dir)
     reader.poll()
@@ -165,13 +171,7 @@ def test_compare_runs_every_aggregator_and_seed(tmp_path):
 @pytest.mark.slow
 def test_resume_after_kill_neither_loses_nor_duplicates_steps(tmp_path):
     args = ["train", "--steps", "8", "--save-every", "2", "--out", str(tmp_path), *FAST]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lab.cli", *args],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_lab(*args)
     run_dir = tmp_path / "delta_l-s0"
     try:
         wait_for_steps(run_dir, 3, proc)
@@ -189,13 +189,7 @@ def test_resume_after_kill_neither_loses_nor_duplicates_steps(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
     args = ["train", "--steps", "8", "--save-every", "100", "--out", str(tmp_path), *FAST]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lab.cli", *args],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_lab(*args)
     run_dir = tmp_path / "delta_l-s0"
     wait_for_steps(run_dir, 2, proc)
     proc.send_signal(signal.SIGINT)
