@@ -221,7 +221,7 @@ def _centering_matrix(n: int, group_size: int | None) -> torch.Tensor:
     return torch.eye(n, dtype=torch.float64) - same / group_size
 
 
-def _least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+def least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
     r"""Ordinary least squares :math:`y \approx a + b x`: returns ``(b, a, r)`` with r Pearson's correlation.
 
     :math:`b = \mathrm{cov}(x, y) / \mathrm{var}(x)`, :math:`a = \bar y - b \bar x`,
@@ -334,9 +334,9 @@ def probe_statistics(
     v = grad_variances(grads, group_size)
     keep = L > 0
     L_act, v_act = L[keep], v[keep]
-    slope, intercept, corr = _least_squares(L_act, v_act)
+    slope, intercept, corr = least_squares(L_act, v_act)
     pos = v_act > 0
-    exponent, _, log_corr = _least_squares(L_act[pos].log(), v_act[pos].log())
+    exponent, _, log_corr = least_squares(L_act[pos].log(), v_act[pos].log())
     g = grads[keep].double()
     if advantages is not None:
         g = g * torch.as_tensor(advantages, dtype=torch.float64).reshape(-1)[keep].unsqueeze(1)

@@ -11,11 +11,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+import torch
 
 from lab.aggregation import METHODS
 from lab.dashboard.colors import color_for, display_name
 from lab.dashboard.data import RunData, label_curve
 from lab.dashboard.figures import add_band_line, new_figure, placeholder
+from lab.probes import least_squares
 
 Groups = Mapping[str, Sequence[RunData]]
 
@@ -81,16 +83,16 @@ def valid_probes(run: RunData) -> list[dict]:
 
 
 def fit_line(lengths: np.ndarray, variances: np.ndarray, probe: dict) -> tuple[float, float, float]:
-    """(slope, intercept, correlation): the logged fit when present, else least squares on the points."""
+    """(slope, intercept, correlation): the logged fit when present, else :func:`lab.probes.least_squares`
+    on the points (a flat line at the mean when all lengths are equal)."""
     slope, intercept, corr = probe.get("slope"), probe.get("intercept"), probe.get("correlation")
+    fit = least_squares(
+        torch.as_tensor(lengths, dtype=torch.float64), torch.as_tensor(variances, dtype=torch.float64)
+    )
     if not all(isinstance(v, (int, float)) for v in (slope, intercept)):
-        slope, intercept = (
-            np.polyfit(lengths, variances, 1) if np.ptp(lengths) > 0 else (0.0, variances.mean())
-        )
+        slope, intercept = fit[:2] if np.ptp(lengths) > 0 else (0.0, variances.mean())
     if not isinstance(corr, (int, float)):
-        corr = (
-            float(np.corrcoef(lengths, variances)[0, 1]) if np.ptp(lengths) and np.ptp(variances) else np.nan
-        )
+        corr = fit[2]
     return float(slope), float(intercept), float(corr)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from lab.aggregation import estimator_stats, sequence_weights
+from lab.aggregation import delta_l_row_weights, estimator_stats, sequence_weights
 from lab.dashboard.colors import color_for
 from lab.dashboard.data import SampleBatch
 from lab.dashboard.figures import new_figure
@@ -24,10 +24,8 @@ def effective_max_length(lengths: np.ndarray, configured: float | None) -> float
 
 
 def relative_weights(lengths: np.ndarray, alpha: float, max_length: float) -> np.ndarray:
-    """ΔL(α) weights normalized to mean 1 over the rows that count (length > 0)."""
-    x = sequence_weights(lengths.tolist(), "delta_l", alpha=alpha, max_length=max_length).numpy()
-    active = lengths > 0
-    return x / x[active].mean() if active.any() else x
+    """ΔL(α) row weights exactly as the trainer applies them (batch scope, mean 1 without empty rows)."""
+    return delta_l_row_weights(lengths.tolist(), alpha=alpha, max_length=max_length).numpy()
 
 
 def weights_figure(batch: SampleBatch, alpha: float, max_length: float | None, *, logged: bool) -> go.Figure:
