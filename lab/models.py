@@ -105,6 +105,20 @@ def _gguf_path() -> Path:
     return path
 
 
+def _publish(model, tokenizer, target: Path) -> Path:
+    """Save model + tokenizer to a temp dir beside ``target``, then rename it into place (atomic): a
+    concurrent process (e.g. another rank) may have won the race, in which case its copy is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def embedded_model_dir() -> Path:
     """Path of the safetensors copy of the embedded model, converting it from GGUF on first use."""
     target = cache_dir() / "smollm2-135m-instruct"
@@ -117,15 +131,7 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:  # atomic publish: a concurrent converter may have won the race; keep theirs
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _publish(model, tokenizer, target)
 
 
 def tiny_model_dir() -> Path:
@@ -151,15 +157,7 @@ def tiny_model_dir() -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _publish(model, tokenizer, target)
 
 
 def model_path(name: str) -> str:
