@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lab.aggregation import METHODS, check_alpha, estimator_stats
+from lab.aggregation import METHODS, check_alpha, counterfactual_cv
 from lab.models import EMBEDDED_MODEL, load_model_and_tokenizer, lora_config, resolve_preset
 from lab.runlog import CONFIG, RunWriter, read_json, run_id, run_label
 from lab.tasks import DEMO, TASKS, get_task
@@ -187,8 +187,8 @@ class RunLogCallback(TrainerCallback):
             if lengths:
                 m = max(self.max_length, max(lengths))
                 cv = {
-                    f"cv/{k}": estimator_stats(lengths, k, alpha=self.alpha, max_length=m)["cv"]
-                    for k in METHODS
+                    f"cv/{k}": v
+                    for k, v in counterfactual_cv(lengths, alpha=self.alpha, max_length=m).items()
                 }
         return cv
 
