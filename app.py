@@ -1,5 +1,8 @@
 """ΔL Lab dashboard: ``streamlit run app.py [-- --runs-dir DIR]`` (or LAB_RUNS_DIR; default runs/).
 
+Listens on 127.0.0.1 (.streamlit/config.toml). Served on the network (``lab dashboard --host 0.0.0.0``),
+the runs dir is fixed and the Launch tab needs ``LAB_LAUNCH_TOKEN``.
+
 A thin entry point: the sidebar picks runs, the tabs call the views in :mod:`lab.dashboard`.
 """
 
@@ -23,7 +26,13 @@ def sidebar() -> ui.Settings:
     sb = st.sidebar
     sb.title("ΔL Lab")
     default_dir = ui.runs_dir_from_args(sys.argv[1:], os.environ)
-    runs_dir = Path(sb.text_input("Runs dir", default_dir, key="runs_dir").strip() or default_dir)
+    network = ui.served_on_network()
+    if network:  # a visitor may not browse other folders of this machine
+        runs_dir = Path(default_dir)
+        sb.markdown(f"Runs dir: `{runs_dir}`")
+        sb.caption("Fixed: the dashboard is served on the network (set it with `--runs-dir` at start).")
+    else:
+        runs_dir = Path(sb.text_input("Runs dir", default_dir, key="runs_dir").strip() or default_dir)
     found = ui.store().discover(runs_dir)
     selected: list[tuple[str, Path]] = []
     if not found:
@@ -44,7 +53,8 @@ def sidebar() -> ui.Settings:
     refresh = sb.number_input("Live refresh (s)", 1.0, 60.0, 3.0, 1.0, key="refresh")
     sb.caption("Colours: " + ", ".join(display_name(m) for m in ("grpo", "dapo", "dr_grpo", "delta_l")) +
                " keep theirs in every chart.")  # fmt: skip
-    return ui.Settings(runs_dir=runs_dir, selected=selected, window=int(window), refresh_s=float(refresh))
+    return ui.Settings(runs_dir=runs_dir, selected=selected, window=int(window), refresh_s=float(refresh),
+                       network=network)  # fmt: skip
 
 
 def main() -> None:
@@ -69,7 +79,7 @@ def main() -> None:
             elif name == "Estimator playground":
                 ui.render_playground()
             else:
-                ui.render_launch(settings.runs_dir)
+                ui.render_launch(settings.runs_dir, network=settings.network)
 
 
 main()

@@ -2,13 +2,14 @@
 
 lab train   --aggregator delta_l --alpha 1.0 --steps 20 --out runs/mine      (→ runs/mine/delta_l-s0/)
 lab compare --aggregators grpo,dapo,dr_grpo,delta_l --steps 20 --seeds 2 --out runs/demo
-lab dashboard --runs-dir runs
+lab dashboard --runs-dir runs             (localhost; --host 0.0.0.0 serves on the network)
 accelerate launch -m lab.cli train ...     (data-parallel on several GPUs/nodes)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,20 @@ from pathlib import Path
 from lab.aggregation import METHODS
 from lab.models import EMBEDDED_MODEL, PRESETS
 
+LOCALHOST = "127.0.0.1"
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port 1..65535, got {text!r}")
     return value
 
 
@@ -95,9 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma list (default {','.join(METHODS)})",
     )
     _add_run_options(compare)
-    dash = sub.add_parser("dashboard", help="open the Streamlit dashboard (streamlit run app.py)")
-    dash.add_argument("--runs-dir", default="runs")
-    dash.add_argument("--port", type=int, default=8501)
+    dash = sub.add_parser(
+        "dashboard", help="serve the Streamlit dashboard on localhost (streamlit run app.py)"
+    )
+    dash.add_argument("--runs-dir", default="runs", help="the runs to show (default runs)")
+    dash.add_argument("--port", type=_port, default=8501, help="default 8501")
+    dash.add_argument(
+        "--host",
+        default=LOCALHOST,
+        help=f"address to listen on (default {LOCALHOST}: this machine only). 0.0.0.0 serves on the network: "
+        "the runs dir is then fixed and the Launch tab disabled unless LAB_LAUNCH_TOKEN is set",
+    )
     return parser
 
 
@@ -139,21 +157,7 @@ def config_from_args(args: argparse.Namespace, aggregator: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "dashboard":
-        app = Path(__file__).resolve().parent.parent / "app.py"
-        return subprocess.call(
-            [
-                sys.executable,
-                "-m",
-                "streamlit",
-                "run",
-                str(app),
-                "--server.port",
-                str(args.port),
-                "--",
-                "--runs-dir",
-                args.runs_dir,
-            ]
-        )
+        return serve_dashboard(args)
 
     from lab.models import ModelUnavailableError
     from lab.runner import run_comparison
@@ -175,6 +179,54 @@ def main(argv: list[str] | None = None) -> int:
         _close_distributed()
     print(f"done: {args.out}  (dashboard: lab dashboard --runs-dir {args.out})")
     return 0
+
+
+def dashboard_command(args: argparse.Namespace) -> list[str]:
+    """``streamlit run app.py`` with the lab's settings as flags (they do not depend on the working dir)."""
+    app = Path(__file__).resolve().parent.parent / "app.py"
+    return [
+        sys.executable, "-m", "streamlit", "run", str(app),
+        "--server.address", args.host, "--server.port", str(args.port),
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--", "--runs-dir", args.runs_dir,
+    ]  # fmt: skip
+
+
+def network_warning(args: argparse.Namespace, env: dict[str, str] | os._Environ) -> str | None:
+    """What serving on ``args.host`` exposes (None on localhost)."""
+    from lab.dashboard import launch
+
+    if launch.is_loopback(args.host):
+        return None
+    lines = [
+        f"lab dashboard: WARNING: serving on {args.host or 'every interface'}:{args.port}, beyond this machine, "
+        "over plain HTTP. Anyone who can reach the port can read the runs in "
+        f"{args.runs_dir} (the runs dir is fixed). A safer way to look from elsewhere: "
+        f"ssh -L {args.port}:{LOCALHOST}:{args.port} THIS_HOST, and keep the default --host.",
+    ]
+    given = env.get(launch.TOKEN_ENV, "")
+    if launch.launch_token(env) is not None:
+        lines.append(f"The Launch tab asks for {launch.TOKEN_ENV} before it starts anything.")
+    else:
+        short = f" ({launch.TOKEN_ENV} is shorter than {launch.MIN_TOKEN_LENGTH} characters)" if given else ""
+        lines.append(
+            f"The Launch tab is disabled{short}. To enable it, set {launch.TOKEN_ENV} to a secret of at least "
+            f"{launch.MIN_TOKEN_LENGTH} characters before starting, e.g. "
+            f"export {launch.TOKEN_ENV}=$(python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+        )
+    return "\n".join(lines)
+
+
+def serve_dashboard(args: argparse.Namespace) -> int:
+    """Run the streamlit server in place of this process, so a signal to ``lab dashboard`` reaches it."""
+    warning = network_warning(args, os.environ)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    command = dashboard_command(args)
+    if os.name == "posix":
+        sys.stdout.flush()
+        os.execv(command[0], command)  # no child left holding the port after SIGTERM/SIGKILL
+    return subprocess.call(command)  # elsewhere: the console delivers Ctrl-C to both
 
 
 def _close_distributed() -> None:

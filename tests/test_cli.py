@@ -88,6 +88,44 @@ def test_bad_values_give_a_clear_error(tmp_path, capsys):
     assert "-1" in capsys.readouterr().err
 
 
+class Exec(Exception):
+    """Raised by the stand-in for os.execv: the command lab dashboard would become."""
+
+
+def dashboard_exec(argv: list[str], monkeypatch, capsys, token: str | None = None) -> tuple[list[str], str]:
+    def fake_execv(path, command):
+        raise Exec(command)
+
+    monkeypatch.setattr(os, "execv", fake_execv)
+    if token is None:
+        monkeypatch.delenv("LAB_LAUNCH_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("LAB_LAUNCH_TOKEN", token)
+    with pytest.raises(Exec) as raised:
+        main(["dashboard", *argv])
+    return raised.value.args[0], capsys.readouterr().err
+
+
+def test_dashboard_serves_localhost_without_telemetry(monkeypatch, capsys):
+    command, err = dashboard_exec(["--runs-dir", "r"], monkeypatch, capsys)
+    flags = dict(zip(command[5:13:2], command[6:13:2], strict=True))
+    assert flags == {"--server.address": "127.0.0.1", "--server.port": "8501", "--server.headless": "true",
+                     "--browser.gatherUsageStats": "false"}  # fmt: skip
+    assert command[-3:] == ["--", "--runs-dir", "r"] and err == ""
+
+
+def test_dashboard_on_the_network_warns(monkeypatch, capsys):
+    command, err = dashboard_exec(["--host", "0.0.0.0", "--port", "8600"], monkeypatch, capsys)
+    assert command[command.index("--server.address") + 1] == "0.0.0.0"
+    assert "WARNING: serving on 0.0.0.0:8600" in err and "The Launch tab is disabled" in err
+    _, err = dashboard_exec(["--host", "0.0.0.0"], monkeypatch, capsys, token="short")
+    assert "shorter than 16 characters" in err
+    _, err = dashboard_exec(["--host", "0.0.0.0"], monkeypatch, capsys, token="a-long-enough-secret")
+    assert "asks for LAB_LAUNCH_TOKEN" in err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["dashboard", "--port", "70000"])
+
+
 @pytest.mark.slow
 def test_train_writes_the_run_log(tmp_path):
     result = lab("train", "--aggregator", "delta_l", "--alpha", "0.75", "--steps", "2", "--out", str(tmp_path),

@@ -15,8 +15,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from lab.aggregation import METHODS, estimator_stats
-from lab.dashboard import colors, launch, lengths, noise, overview, playground, weights
-from lab.dashboard.data import RunData, RunStore, downsample, group_by_label, label_curve, t95
+from lab.dashboard import colors, launch, lengths, noise, overview, playground, ui, weights
+from lab.dashboard.data import RunData, RunStore, downsample, group_by_label, label_curve, reward_range, t95
 from lab.dashboard.ui import VIEWS, runs_dir_from_args
 from lab.runlog import RunWriter
 from tests.fixtures_runs import (
@@ -40,6 +40,13 @@ def roots(tmp_path_factory) -> dict[str, Path]:
         for kind, make in FIXTURE_KINDS.items():
             out[kind] = make(tmp_path_factory.mktemp(kind))
     return out
+
+
+@pytest.fixture(autouse=True)
+def served_on_localhost(monkeypatch):
+    """AppTest has no server: say it listens on 127.0.0.1 (as .streamlit/config.toml makes it), whatever the cwd."""
+    monkeypatch.setattr(ui, "server_address", lambda: "127.0.0.1")
+    monkeypatch.delenv(launch.TOKEN_ENV, raising=False)
 
 
 def app_for(runs_dir: Path, view: str | None, monkeypatch) -> AppTest:
@@ -177,13 +184,133 @@ def test_build_compare_args_is_an_argument_list(monkeypatch):
         prefix=["lab"],
     )
     assert args == ["lab", "compare", "--out", "runs/x y", "--aggregators", "grpo,delta_l", "--steps", "20",
-                    "--seeds", "2", "--alpha", "0.75", "--probe-every", "5"]  # fmt: skip
-    args = launch.build_compare_args("o", ["dapo"], steps=1, seeds=1, model="Qwen/Qwen2.5-0.5B", prefix=[])
-    assert args[-2:] == ["--model", "Qwen/Qwen2.5-0.5B"]
+                    "--seeds", "2", "--alpha", "0.75", "--model", "smollm2-135m", "--probe-every", "5"]  # fmt: skip
+    args = launch.build_compare_args("o", ["dapo"], steps=1, seeds=1, model="tiny", prefix=[])
+    assert args[-2:] == ["--model", "tiny"]
     monkeypatch.delenv(launch.PREFIX_ENV, raising=False)
     assert launch.command_prefix() == [sys.executable, "-m", "lab.cli"]
     with pytest.raises(ValueError, match="aggregator"):
         launch.build_compare_args("o", [], steps=1, seeds=1)
+
+
+# every way the Launch form could be turned against the machine: (widget, value, what the refusal says)
+MALICIOUS = [
+    ("ln_name", "../../somewhere", "not a plain folder name"),
+    ("ln_name", "/tmp/absolute", "not a plain folder name"),
+    ("ln_name", "a/b", "not a plain folder name"),
+    ("ln_name", "..", "not a plain folder name"),
+    ("ln_name", ".", "not a plain folder name"),
+    ("ln_name", "", "comparison name is empty"),
+    ("ln_extra", "--out /tmp/elsewhere", "may not set --out"),
+    ("ln_extra", "--probe-every 5 --out=../../elsewhere", "may not set --out"),
+    ("ln_extra", "--ou ../../elsewhere", "may not set --out"),  # argparse's prefix matching
+    ("ln_extra", "--steps 100000000", "may not set --steps"),
+    ("ln_extra", "--seeds 1000", "may not set --seeds"),
+    ("ln_extra", "--model ../../elsewhere", "may not set --model"),
+    ("ln_extra", "--aggregators grpo", "may not set --aggregators"),
+    ("ln_extra", "--no-such-option 1", "unrecognized arguments: --no-such-option"),
+    ("ln_extra", "--probe-every five", "invalid int value: 'five'"),
+    ("ln_extra", "--help", "--help is not an argument"),
+    ("ln_extra", "'unclosed", "No closing quotation"),
+    (
+        "ln_model",
+        "someone/some-model",
+        "unknown model 'someone/some-model': choose a preset (smollm2-135m, tiny",
+    ),
+    ("ln_model", "../../no-such-folder", "unknown model"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), MALICIOUS, ids=[f"{k}={v}" for k, v, _ in MALICIOUS])
+def test_launch_refuses_bad_input_and_creates_nothing(tmp_path, monkeypatch, key, value, message):
+    monkeypatch.setenv(launch.PREFIX_ENV, f"{sys.executable} -c pass")
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "home" / "runs"
+    at = app_for(runs, "Launch", monkeypatch)
+    assert at.button(key="ln_start")  # the form is ready ...
+    widget = at.text_input(key=key)
+    widget.set_value(value).run()
+    assert not at.exception
+    errors = " ".join(e.value for e in at.error)
+    assert message in errors and "Not started" in errors
+    assert not [b for b in at.button if b.key == "ln_start"]  # ... and offers no Start after the refusal
+    assert "launch" not in at.session_state
+    assert list(tmp_path.rglob("*")) == []  # nothing created anywhere (not even the runs dir)
+
+
+def test_launch_refuses_an_existing_comparison_unless_resumed(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "cmp").mkdir(parents=True)
+    (tmp_path / "runs" / "cmp" / "keep.txt").write_text("mine")
+    at = app_for(tmp_path / "runs", "Launch", monkeypatch)
+    at.text_input(key="ln_name").set_value("cmp").run()
+    assert "already exists" in at.error[0].value and not [b for b in at.button if b.key == "ln_start"]
+    at.text_input(key="ln_extra").set_value("--resume").run()
+    assert not at.error and "--resume" in at.code[0].value
+
+
+def test_launch_bounds_and_generic_option_check(tmp_path):
+    ok = {"steps": 1, "seeds": 1, "model": "tiny", "prefix": []}
+    for field, value, message in (("steps", launch.MAX_STEPS + 1, "steps"), ("steps", 0, "steps"),
+                                  ("seeds", launch.MAX_SEEDS + 1, "seeds"), ("alpha", -0.5, "α")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            launch.plan_launch(tmp_path, "x", ["grpo"], **{**ok, field: value})
+    with pytest.raises(ValueError, match="unknown aggregator"):
+        launch.plan_launch(tmp_path, "x", ["grpo", "mean"], **ok)
+    # by argparse dest: any option of `lab compare` that the form passes is refused in the extras
+    assert launch.dests_set(["--out=a", "--no-shaped-reward"]) == {"out": Path("a"), "shaped_reward": False}
+    form = launch.build_compare_args("o", ["grpo"], **ok)[1:]
+    assert set(launch.dests_set(form)) == {"out", "aggregators", "steps", "seeds", "alpha", "model"}
+    assert launch.check_model(str(tmp_path)) == str(tmp_path)  # an existing local folder is a model
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_start_leaves_no_folder(tmp_path):
+    with pytest.raises(OSError):
+        launch.Launch([str(tmp_path / "no-such-program")], tmp_path / "runs" / "cmp").start()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_network_mode_disables_launch_and_fixes_the_runs_dir(roots, tmp_path, monkeypatch):
+    monkeypatch.setattr(ui, "server_address", lambda: "0.0.0.0")
+    at = app_for(roots["complete"], "Launch", monkeypatch)
+    assert not at.exception
+    assert any("Launch is disabled" in w.value and launch.TOKEN_ENV in w.value for w in at.warning)
+    assert not [t for t in at.text_input if t.key == "ln_name"] and not at.button
+    assert not [t for t in at.sidebar.text_input if t.key == "runs_dir"]  # no field to browse other folders
+    assert any(str(roots["complete"]) in m.value for m in at.sidebar.markdown)
+    monkeypatch.setenv(launch.TOKEN_ENV, "short")  # too short to guard anything: still disabled
+    assert "Launch is disabled" in app_for(roots["complete"], "Launch", monkeypatch).warning[0].value
+
+
+def test_network_mode_asks_for_the_launch_token(tmp_path, monkeypatch):
+    monkeypatch.setattr(ui, "server_address", lambda: None)  # every interface
+    monkeypatch.setenv(launch.TOKEN_ENV, "correct-horse-battery-staple")
+    at = app_for(tmp_path / "runs", "Launch", monkeypatch)
+    assert not [t for t in at.text_input if t.key == "ln_name"]
+    at.text_input(key="ln_token").set_value("correct-horse-battery-stapl").run()
+    assert "Wrong launch token" in at.error[0].value and not [t for t in at.text_input if t.key == "ln_name"]
+    at.text_input(key="ln_token").set_value("correct-horse-battery-staple").run()
+    assert not at.exception and at.text_input(key="ln_name") and at.button(key="ln_start")
+    assert not list(tmp_path.iterdir())
+
+
+def test_network_mode_comes_from_streamlits_own_server_address(monkeypatch):
+    from streamlit import config
+
+    monkeypatch.undo()  # the real ui.server_address, not the fixture's
+    before = config.get_option("server.address")
+    try:
+        for address, network in (("127.0.0.1", False), ("0.0.0.0", True), ("", True), ("::1", False)):
+            config.set_option("server.address", address)
+            assert ui.server_address() == address and ui.served_on_network() is network
+    finally:
+        config.set_option("server.address", before)
+
+
+def test_loopback_addresses():
+    assert all(launch.is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"))
+    assert not any(launch.is_loopback(h) for h in ("0.0.0.0", "", None, "::", "192.168.1.5", "example.org"))
+    assert launch.token_matches("abc", "abc") and not launch.token_matches("abd", "abc")
 
 
 def test_stop_terminates_the_process_group(tmp_path):
@@ -238,6 +365,37 @@ def test_label_curve_uses_a_t_interval_over_seeds(tmp_path):
     single = label_curve(runs[:1], "reward", band_column="reward_std")
     assert np.allclose(single["hi"] - single["mean"], 0.5)
     assert label_curve(runs, "reward", seed_band="none")["hi"].tolist() == [1.0, 2.0]
+
+
+def test_bands_stay_within_the_reward_range(tmp_path):
+    """One seed with a wide within-batch std: mean ± std would leave [0, 1]; the band is clipped."""
+    run_dir = tmp_path / "grpo-s0"
+    writer = RunWriter(run_dir)
+    writer.write_config({"aggregator": "grpo", "seed": 0, "run": {"shaped_reward": False}})
+    for step, (reward, std) in enumerate([(0.05, 0.25), (0.5, 0.3), (0.95, 0.25)], 1):
+        writer.log_metrics({"step": step, "reward": reward, "reward_std": std})
+    run = RunData(run_dir)
+    run.refresh()
+    assert reward_range([run]) == (0.0, 1.0)
+    raw = label_curve([run], "reward", band_column="reward_std")
+    assert raw["lo"].min() < 0 and raw["hi"].max() > 1  # what the band drew before
+    fig = overview.reward_figure({"grpo": [run]})
+    band = next(t for t in fig.data if t.fill == "toself")
+    assert min(band.y) == 0.0 and max(band.y) == 1.0
+    assert "clipped to [0, 1]" in fig.layout.title.text
+    assert "[0, 1]" in overview.reward_band_caption({"grpo": [run]})
+    run.config["run"]["shaped_reward"] = True
+    assert reward_range([run]) == (0.0, 2.0)  # binary + shaped reward
+    run.metrics.loc[0, "reward"] = -0.5  # a logged value outside: the range widens, no data is hidden
+    assert reward_range([run]) == (-0.5, 2.0)
+
+
+@pytest.mark.parametrize("task", ["countdown", "math"])
+def test_reward_range_counts_the_reward_functions(task):
+    from lab.tasks import get_task
+
+    for shaped, high in ((False, 1.0), (True, 2.0)):  # each function gives 0..1, TRL sums them
+        assert len(get_task(task).reward_funcs(shaped=shaped)) == high
 
 
 def test_downsample_bounds_points():

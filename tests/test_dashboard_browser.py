@@ -1,7 +1,8 @@
 """Real-browser test: ``streamlit run app.py`` on a free port, headless Debian Chromium through Playwright.
 
 Visits every tab on synthetic fixture runs (one of them live), waits for the plotly charts, asserts there is
-no exception box, checks that a live run's chart updates by itself, and saves screenshots (to tmp_path, and
+no exception box, checks that the Launch tab refuses a comparison name outside the runs dir, that a live
+run's chart updates by itself, and saves screenshots (to tmp_path, and
 to $LAB_ARTIFACTS when set).
 """
 
@@ -115,6 +116,18 @@ def test_dashboard_in_chromium(server, tmp_path):
                 assert page.locator("[data-testid=stException]").count() == 0, f"exception box on {tab}"
                 shot = save(page, tmp_path, tab.lower().replace(" ", "-"))
                 assert shot.stat().st_size > 10_000
+
+            # Launch refuses a name that leaves the runs dir, says why, offers no Start, creates nothing
+            page.get_by_role("tab", name="Launch").click()
+            page.get_by_role("button", name="Start").wait_for(timeout=30_000)
+            before = set(tmp_path.rglob("*"))
+            name = page.get_by_label("Comparison name")
+            name.fill("../../somewhere")
+            name.press("Enter")
+            page.get_by_text("is not a plain folder name").wait_for(timeout=30_000)
+            assert page.get_by_role("button", name="Start").count() == 0
+            save(page, tmp_path, "launch-refused")
+            assert set(tmp_path.rglob("*")) == before | {tmp_path / "dashboard-launch-refused.png"}
 
             # live: a new step of the running run shows up without a reload (fragment refresh)
             page.get_by_role("tab", name="Lengths").click()

@@ -366,12 +366,14 @@ def label_curve(
     window: int = 1,
     band_column: str | None = None,
     seed_band: str = "ci95",
+    bounds: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
     """Mean curve of ``column`` over the runs (seeds) of one label: columns step, mean, lo, hi, n.
 
     With several seeds, lo/hi is the 95% t-interval of the mean over seeds (``seed_band="ci95"``), ± one
     std over seeds (``"std"``) or nothing (``"none"``). With one seed, lo/hi is
     mean ± ``band_column`` (e.g. ``reward_std``, the within-batch spread) when given, else the mean itself.
+    ``bounds``: the range the quantity cannot leave (a reward in [0, 1]); lo/hi are clipped to it.
     """
     series = []
     for run in runs:
@@ -391,10 +393,28 @@ def label_curve(
     else:
         half = pd.Series(0.0, index=mean.index)
     half = half.fillna(0.0)
-    out = pd.DataFrame(
-        {"step": mean.index.to_numpy(), "mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
-    )
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = lo.clip(*bounds), hi.clip(*bounds)
+    out = pd.DataFrame({"step": mean.index.to_numpy(), "mean": mean, "lo": lo, "hi": hi, "n": n})
     return out.reset_index(drop=True)
+
+
+def reward_range(runs: Iterable[RunData], column: str = "reward") -> tuple[float, float]:
+    """The range a logged reward can take: [0, number of reward functions], widened to what was logged.
+
+    Each of the lab's reward functions returns values in [0, 1] and TRL sums them with unit weights: the
+    binary one alone gives [0, 1], with the shaped one (config ``shaped_reward``) [0, 2]. Widening to the
+    logged values keeps a clip from ever hiding data (e.g. runs of another task).
+    """
+    low, high = 0.0, 1.0
+    for run in runs:
+        if (run.config.get("run") or {}).get("shaped_reward") or run.config.get("shaped_reward"):
+            high = 2.0
+        values = numeric_column(run.metrics, column)
+        if not values.empty:
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    return low, high
 
 
 def group_by_label(runs: Iterable[RunData]) -> dict[str, list[RunData]]:

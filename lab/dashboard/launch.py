@@ -1,8 +1,17 @@
-"""View 6, Launch: start ``lab compare`` as a subprocess (argument list, never a shell), follow it, stop it."""
+"""View 6, Launch: start ``lab compare`` as a subprocess (argument list, never a shell), follow it, stop it.
+
+Everything the form sends is validated here before anything is created or started: the comparison name is
+one folder name inside the runs dir, the numbers are within bounds, the model is a preset or a local folder,
+and the extra arguments are parsed by ``lab compare``'s own parser and may not set an option the form sets.
+"""
 
 from __future__ import annotations
 
+import argparse
+import hmac
+import ipaddress
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -14,11 +23,144 @@ from pathlib import Path
 
 import pandas as pd
 
+from lab.aggregation import METHODS
 from lab.runlog import list_runs, read_json
 
 LAUNCH_LOG = "launch.log"
 # JSON-free override for tests/demos: LAB_LAUNCH_PREFIX="python -m lab.cli" (split with shlex, no shell)
 PREFIX_ENV = "LAB_LAUNCH_PREFIX"
+# Serving on the network: the Launch tab stays disabled unless this token is set (and typed in the tab)
+TOKEN_ENV = "LAB_LAUNCH_TOKEN"
+MIN_TOKEN_LENGTH = 16
+MAX_STEPS = 100_000
+MAX_SEEDS = 50
+MAX_ALPHA = 4.0
+MAX_NAME_LENGTH = 100
+# one folder name: starts with a letter or digit, then letters, digits, '-', '_', '.'
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_UNSET = object()
+
+
+# -------------------------------------------------------------------------------------------------------
+# where the dashboard listens, the launch token
+# -------------------------------------------------------------------------------------------------------
+def is_loopback(host: str | None) -> bool:
+    """True for ``localhost`` and loopback IPs; False for ``0.0.0.0``, ``""``/None (all interfaces), others."""
+    if not host:
+        return False
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def launch_token(env: dict[str, str] | os._Environ | None = None) -> str | None:
+    """``LAB_LAUNCH_TOKEN`` when it is long enough to guard the Launch tab, else None."""
+    token = (os.environ if env is None else env).get(TOKEN_ENV, "")
+    return token if len(token) >= MIN_TOKEN_LENGTH else None
+
+
+def token_matches(given: str, expected: str) -> bool:
+    """Constant-time comparison (the time taken does not tell how many characters were right)."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+# -------------------------------------------------------------------------------------------------------
+# validation of the form
+# -------------------------------------------------------------------------------------------------------
+def comparison_dir(runs_dir: str | Path, name: str) -> Path:
+    """``runs_dir/name`` for a comparison ``name`` that is one plain folder name, else ValueError."""
+    name = name.strip()
+    if not name:
+        raise ValueError("the comparison name is empty: give a folder name such as compare-1")
+    if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"comparison name {name!r} is not a plain folder name: use letters, digits, '-', '_' and '.', "
+            f"start with a letter or digit, at most {MAX_NAME_LENGTH} characters, no '/' and no '..'"
+        )
+    root = Path(runs_dir)
+    out = root / name
+    if not out.resolve().is_relative_to(root.resolve()):  # e.g. an existing symlink pointing elsewhere
+        raise ValueError(f"{out} leads outside the runs dir {root}")
+    return out
+
+
+def check_model(model: str) -> str:
+    """A preset name or an existing local folder (the lab runs offline), else ValueError with the presets."""
+    from lab import models  # at call time: the preset list may grow
+
+    model = model.strip()
+    if model in models.PRESETS or (model and Path(model).expanduser().is_dir()):
+        return model
+    raise ValueError(
+        f"unknown model {model!r}: choose a preset ({', '.join(models.PRESETS)}) or an existing local folder"
+    )
+
+
+def _check_bounds(label: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{label} must be between {low:g} and {high:g}, got {value:g}")
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+    """``lab compare``'s own parser, raising ValueError instead of exiting and requiring nothing."""
+    from lab.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    compare = sub.choices["compare"]
+
+    def fail(message: str) -> None:
+        raise ValueError(message)
+
+    def leave(status: int = 0, message: str | None = None) -> None:
+        raise ValueError(message or "--help is not an argument to launch with")
+
+    compare.error, compare.exit = fail, leave  # type: ignore[method-assign]
+    compare.print_help = lambda file=None: None  # type: ignore[method-assign]  # -h: refused, not printed
+    for action in compare._actions:
+        action.required = False  # --out comes from the form
+    return compare
+
+
+def _parse(tokens: Sequence[str]) -> argparse.Namespace:
+    """Parse ``tokens`` as ``lab compare`` arguments; every dest not given stays ``_UNSET``."""
+    parser = _compare_parser()
+    namespace = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != argparse.SUPPRESS})
+    return parser.parse_args(list(tokens), namespace=namespace)
+
+
+def dests_set(tokens: Sequence[str]) -> dict[str, object]:
+    """The options ``tokens`` set, by argparse dest (so ``--out=x``, ``--ou x`` and ``--out x`` are one)."""
+    return {k: v for k, v in vars(_parse(tokens)).items() if v is not _UNSET}
+
+
+def option_names(dests: Sequence[str]) -> list[str]:
+    """The long option name of each dest (``out`` → ``--out``) for messages."""
+    by_dest = {a.dest: a.option_strings[-1] for a in _compare_parser()._actions if a.option_strings}
+    return [by_dest.get(d, d) for d in dests]
+
+
+def split_extra(extra: str, form_args: Sequence[str]) -> list[str]:
+    """``extra`` split like a shell would (never run by one), checked by ``lab compare``'s parser.
+
+    It may not set an option the form sets (``--out`` included: argparse keeps the last one given).
+    """
+    try:
+        tokens = shlex.split(extra)
+    except ValueError as err:
+        raise ValueError(f"extra arguments {extra!r}: {err}") from None
+    try:
+        taken = sorted(dests_set(form_args).keys() & dests_set(tokens).keys())
+    except ValueError as err:
+        raise ValueError(f"extra arguments {extra!r}: {err}") from None
+    if taken:
+        names = ", ".join(option_names(taken))
+        it = "it" if len(taken) == 1 else "them"
+        raise ValueError(f"extra arguments may not set {names}: the form sets {it} (use the form's fields)")
+    return tokens
 
 
 def command_prefix() -> list[str]:
@@ -38,25 +180,46 @@ def build_compare_args(
     extra: str = "",
     prefix: Sequence[str] | None = None,
 ) -> list[str]:
-    """The argument list of ``lab compare`` (``extra`` is split like a shell would, but never run by one)."""
+    """The checked argument list of ``lab compare`` (``model`` empty: the parser's default model).
+
+    The form always passes every option it shows, so none of them can be set again in ``extra``.
+    """
     if not aggregators:
         raise ValueError("choose at least one aggregator")
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps!r}")
-    args = [*(prefix if prefix is not None else command_prefix()), "compare", "--out", str(out)]
-    args += [
-        "--aggregators",
-        ",".join(aggregators),
-        "--steps",
-        str(int(steps)),
-        "--seeds",
-        str(int(seeds)),
-    ]
-    if float(alpha) != 1.0:
-        args += ["--alpha", f"{float(alpha):g}"]
-    if model.strip():
-        args += ["--model", model.strip()]
-    return args + shlex.split(extra)
+    unknown = [a for a in aggregators if a not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown aggregator(s) {unknown}; choose from {', '.join(METHODS)}")
+    _check_bounds("steps", int(steps), 1, MAX_STEPS)
+    _check_bounds("seeds per aggregator", int(seeds), 1, MAX_SEEDS)
+    _check_bounds("ΔL α", float(alpha), 0.0, MAX_ALPHA)
+    model = check_model(model.strip() or str(_compare_parser().get_default("model")))
+    form = ["--out", str(out), "--aggregators", ",".join(aggregators), "--steps", str(int(steps)),
+            "--seeds", str(int(seeds)), "--alpha", f"{float(alpha):g}", "--model", model]  # fmt: skip
+    tokens = split_extra(extra, form)
+    return [*(prefix if prefix is not None else command_prefix()), "compare", *form, *tokens]
+
+
+@dataclass
+class LaunchPlan:
+    """A checked launch: the argument list and the comparison folder it writes (not created yet)."""
+
+    args: list[str]
+    out: Path
+
+
+def plan_launch(runs_dir: str | Path, name: str, aggregators: Sequence[str], **options) -> LaunchPlan:
+    """Check the whole form (see :func:`build_compare_args` for ``options``); ValueError names what is wrong.
+
+    A folder that already holds files is refused unless the extra arguments say ``--resume``.
+    """
+    out = comparison_dir(runs_dir, name)
+    args = build_compare_args(out, aggregators, **options)
+    resume = dests_set(shlex.split(options.get("extra", ""))).get("resume") is True
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not resume:
+        raise ValueError(
+            f"{out} already exists: choose another comparison name, or add --resume to continue it"
+        )
+    return LaunchPlan(args, out)
 
 
 @dataclass
@@ -73,14 +236,27 @@ class Launch:
         return self.out / LAUNCH_LOG
 
     def start(self, cwd: str | Path | None = None) -> Launch:
-        """Start the process in its own process group (so Stop reaches its children too)."""
+        """Start the process in its own process group (so Stop reaches its children too).
+
+        A start that fails (e.g. the command is missing) removes the log and the folders it created.
+        """
+        created = [p for p in (self.out, *self.out.parents) if not p.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=cwd, env=env, start_new_session=True,
-            )  # fmt: skip
+        had_log = self.log_path.exists()
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}  # the child needs no token
+        env["PYTHONUNBUFFERED"] = "1"
+        try:
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(
+                    self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    cwd=cwd, env=env, start_new_session=True,
+                )  # fmt: skip
+        except OSError:
+            if not had_log:
+                self.log_path.unlink(missing_ok=True)
+            for folder in created:  # deepest first
+                folder.rmdir()
+            raise
         return self
 
     @property

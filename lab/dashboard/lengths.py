@@ -75,10 +75,14 @@ def violin_over_time(groups: Groups, *, slices: int = 10) -> go.Figure:
     return fig
 
 
+# what each curve cannot leave: lengths are >= 0 tokens, the truncation rate is a fraction
+_BOUNDS = {"mean_length": (0.0, np.inf), "max_length": (0.0, np.inf), "truncation_rate": (0.0, 1.0)}
+
+
 def _length_curve(runs: Sequence[RunData], key: str, window: int):
-    curve = label_curve(runs, key, source="lengths", window=window)
+    curve = label_curve(runs, key, source="lengths", window=window, bounds=_BOUNDS[key])
     if curve.empty:
-        curve = label_curve(runs, _FALLBACK[key], window=window)
+        curve = label_curve(runs, _FALLBACK[key], window=window, bounds=_BOUNDS[key])
     return curve
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from lab.dashboard.colors import display_name
-from lab.dashboard.data import RunData, final_value, label_curve, numeric_column
+from lab.dashboard.data import RunData, final_value, label_curve, numeric_column, reward_range
 from lab.dashboard.figures import add_band_line, new_figure, placeholder
 
 Groups = Mapping[str, Sequence[RunData]]
@@ -21,20 +21,40 @@ SEED_BANDS = {"ci95": "95% CI of the mean over seeds", "std": "± 1 std over see
 def reward_figure(
     groups: Groups, *, column: str = "reward", window: int = 1, seed_band: str = "ci95"
 ) -> go.Figure:
-    """Mean reward per aggregator against step: ± reward_std band (one seed) or a band over seeds."""
+    """Mean reward per aggregator against step: ± reward_std band (one seed) or a band over seeds.
+
+    The bands are clipped to the reward's range (:func:`reward_band_caption` says so under the chart):
+    a ± std band on a reward in [0, 1] would otherwise draw values the reward cannot take.
+    """
     if not any(not r.metrics.empty for runs in groups.values() for r in runs):
         return placeholder("Reward", "No metrics logged yet.")
-    title = f"Reward (band: ± within-batch std for one seed; {SEED_BANDS.get(seed_band, seed_band)})"
+    bounds = reward_range([r for runs in groups.values() for r in runs], column)
+    title = (
+        f"Reward (band: ± within-batch std for one seed; {SEED_BANDS.get(seed_band, seed_band)}; "
+        f"clipped to [{bounds[0]:g}, {bounds[1]:g}])"
+    )
     fig = new_figure(title, "step", column)
     for label, runs in groups.items():
         band_column = f"{column}_std" if len(runs) == 1 else None
-        curve = label_curve(runs, column, window=window, band_column=band_column, seed_band=seed_band)
+        curve = label_curve(
+            runs, column, window=window, band_column=band_column, seed_band=seed_band, bounds=bounds
+        )
         add_band_line(fig, curve, label, name=f"{display_name(label)} (n={len(runs)})")
     return fig
 
 
+def reward_band_caption(groups: Groups, column: str = "reward") -> str:
+    """Says what the reward bands are and that they are clipped to the reward's range."""
+    low, high = reward_range([r for runs in groups.values() for r in runs], column)
+    return (
+        f"Bands: one seed, mean ± the within-batch std of the reward; several seeds, the chosen band over "
+        f"seeds. Both are clipped to [{low:g}, {high:g}], the range the reward can take (each reward function "
+        "gives 0 to 1 and TRL sums them), so a band never shows a value no completion could score."
+    )
+
+
 def eval_figure(groups: Groups, *, metric: str = "avg_at_k") -> go.Figure:
-    """Eval ``avg_at_k`` or ``pass_at_k`` against step, mean over seeds with a 95% band."""
+    """Eval ``avg_at_k`` or ``pass_at_k`` against step, mean over seeds with a 95% band (within [0, 1])."""
     title = {"avg_at_k": "Eval Avg@k", "pass_at_k": "Eval Pass@k"}.get(metric, metric)
     if not any(not r.evals.empty for runs in groups.values() for r in runs):
         return placeholder(title, "No evaluations logged yet (eval.jsonl).")
@@ -42,7 +62,7 @@ def eval_figure(groups: Groups, *, metric: str = "avg_at_k") -> go.Figure:
     k_text = "/".join(str(k) for k in sorted(ks)) or "k"
     fig = new_figure(title.replace("k", k_text, 1) if ks else title, "step", metric)
     for label, runs in groups.items():
-        curve = label_curve(runs, metric, source="evals")
+        curve = label_curve(runs, metric, source="evals", bounds=(0.0, 1.0))  # fractions of samples
         add_band_line(fig, curve, label, band=len(runs) > 1, mode="lines+markers")
     return fig
 

@@ -31,6 +31,20 @@ class Settings:
     selected: list[tuple[str, Path]]  # (comparison, run dir)
     window: int = 1
     refresh_s: float = 3.0
+    network: bool = False  # served beyond localhost: runs dir fixed, Launch needs the token
+
+
+# -------------------------------------------------------------------------------------------------------
+# where the server listens (from streamlit's own config: CLI flags, .streamlit/config.toml; never the URL)
+# -------------------------------------------------------------------------------------------------------
+def server_address() -> str | None:
+    """``server.address`` the server was started with (None or "": every interface)."""
+    return st.get_option("server.address")
+
+
+def served_on_network() -> bool:
+    """True unless the server listens on a loopback address only."""
+    return not launch.is_loopback(server_address())
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -96,6 +110,7 @@ def render_overview(runs: list[RunData], s: Settings) -> None:
     band = st.radio("Band over seeds", list(overview.SEED_BANDS), format_func=overview.SEED_BANDS.get,
                     horizontal=True, key="ov_band")  # fmt: skip
     chart(overview.reward_figure(groups, window=s.window, seed_band=band), "ov_reward")
+    st.caption(overview.reward_band_caption(groups))
     left, right = st.columns(2)
     with left:
         chart(overview.eval_figure(groups, metric="avg_at_k"), "ov_avg")
@@ -231,7 +246,9 @@ def _current_launch() -> launch.Launch | None:
     return st.session_state.get("launch")
 
 
-def render_launch(runs_dir: Path) -> None:
+def render_launch(runs_dir: Path, network: bool = False) -> None:
+    if network and not _launch_unlocked():
+        return
     current = _current_launch()
     if current is None or not current.running:
         _launch_form(runs_dir)
@@ -239,31 +256,57 @@ def render_launch(runs_dir: Path) -> None:
         _launch_progress(current)
 
 
+def _launch_unlocked() -> bool:
+    """On the network, Launch needs ``LAB_LAUNCH_TOKEN``: unset, the tab is disabled; set, it is asked for."""
+    token = launch.launch_token()
+    if token is None:
+        st.warning(
+            f"**Launch is disabled**: this dashboard is served on the network (server.address = "
+            f"`{server_address() or 'every interface'}`), and anyone who reaches it could start jobs on this "
+            f"machine. To enable it, restart with `{launch.TOKEN_ENV}` set to a secret of at least "
+            f"{launch.MIN_TOKEN_LENGTH} characters, or serve on localhost only (`lab dashboard`)."
+        )
+        return False
+    if st.session_state.get("launch_unlocked"):
+        return True
+    st.info(f"This dashboard is served on the network: type the launch token (`{launch.TOKEN_ENV}`).")
+    given = st.text_input("Launch token", "", type="password", key="ln_token")
+    if given:
+        if launch.token_matches(given, token):
+            st.session_state["launch_unlocked"] = True  # server-side, per browser session
+            st.rerun()
+        time.sleep(1.0)  # slows guessing down
+        st.error("Wrong launch token.")
+    return False
+
+
 def _launch_form(runs_dir: Path) -> None:
     st.markdown(
         "Start `lab compare` as a subprocess (an argument list, no shell). Runs appear in the other tabs."
     )
     default_name = st.session_state.setdefault("launch_default_name", time.strftime("compare-%Y%m%d-%H%M%S"))
-    name = st.text_input("Comparison name (folder under the runs dir)", default_name, key="ln_name")
+    name = st.text_input("Comparison name (a new folder in the runs dir)", default_name, key="ln_name")
     aggregators = st.multiselect("Aggregators", list(METHODS), default=list(METHODS), key="ln_aggs",
                                  format_func=display_name)  # fmt: skip
     c1, c2, c3, c4 = st.columns(4)
-    steps = c1.number_input("Steps", 1, 100_000, 20, key="ln_steps")
-    seeds = c2.number_input("Seeds per aggregator", 1, 50, 1, key="ln_seeds")
-    alpha = c3.number_input("ΔL α", 0.0, 4.0, 1.0, 0.05, key="ln_alpha")
-    model = c4.text_input("Model (empty: the embedded default)", "", key="ln_model")
-    extra = st.text_input("Extra arguments (e.g. --probe-every 10)", "", key="ln_extra")
-    out = runs_dir / name.strip()
+    steps = c1.number_input("Steps", 1, launch.MAX_STEPS, 20, key="ln_steps")
+    seeds = c2.number_input("Seeds per aggregator", 1, launch.MAX_SEEDS, 1, key="ln_seeds")
+    alpha = c3.number_input("ΔL α", 0.0, launch.MAX_ALPHA, 1.0, 0.05, key="ln_alpha")
+    model = c4.text_input("Model: a preset or a local folder (empty: the default)", "", key="ln_model")
+    extra = st.text_input("Extra `lab compare` arguments (e.g. --probe-every 10)", "", key="ln_extra")
     try:
-        args = launch.build_compare_args(
-            out, aggregators, steps=int(steps), seeds=int(seeds), model=model, alpha=float(alpha), extra=extra
-        )
+        plan = launch.plan_launch(runs_dir, name, aggregators, steps=int(steps), seeds=int(seeds), model=model,
+                                  alpha=float(alpha), extra=extra)  # fmt: skip
     except ValueError as err:
-        st.warning(str(err))
+        st.error(f"Not started: {err}")
         return
-    st.code(shlex.join(args), language="bash")
+    st.code(shlex.join(plan.args), language="bash")
     if st.button("Start", type="primary", key="ln_start"):
-        st.session_state["launch"] = launch.Launch(args, out).start(cwd=Path.cwd())
+        try:
+            st.session_state["launch"] = launch.Launch(plan.args, plan.out).start(cwd=Path.cwd())
+        except OSError as err:
+            st.error(f"Could not start `{plan.args[0]}`: {err}")
+            return
         st.rerun()
 
 
