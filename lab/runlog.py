@@ -29,6 +29,11 @@ A comparison is a folder of run dirs, ``runs/<comparison>/<run_id>/`` with ``run
 ``checkpoints/``
     Trainer checkpoints (``checkpoint-<step>``) for ``--resume``.
 
+Beside the run dirs, a comparison dir holds ``verdict.json`` (written by ``lab compare`` when it ends,
+:mod:`lab.verdict`): ``{"seeds": S, "pairs": [{"a", "b", "metric": "final_reward"|"auc", "mean_diff",
+"ci": [lo, hi], "ci_t": [lo, hi], "distinguishable": bool, "n_seeds", "diffs"}, ...], "labels": {...},
+"method", "note", "warnings", "created", "wall_seconds", "workers"}``. Read it with :func:`read_verdict`.
+
 During training, ``lab.runner.RunLogCallback`` (a transformers ``TrainerCallback``) writes these files
 through :class:`RunWriter`; this module itself imports no training code, so readers stay light.
 Writers append whole lines and flush after each; a crash leaves at most one partial last line, which
@@ -54,6 +59,7 @@ SAMPLES = "samples.jsonl"
 EVAL = "eval.jsonl"
 PROBES = "probes.jsonl"
 LOG_FILES = (METRICS, SAMPLES, EVAL, PROBES)
+VERDICT = "verdict.json"
 RUN_STATES = ("running", "finished", "interrupted", "failed")
 
 
@@ -127,6 +133,12 @@ def read_json(path: str | Path) -> dict | None:
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_verdict(comparison_dir: str | Path) -> dict | None:
+    """The ``verdict.json`` of a comparison dir, or None if missing or unreadable."""
+    verdict = read_json(Path(comparison_dir) / VERDICT)
+    return verdict if verdict is not None and isinstance(verdict.get("pairs"), list) else None
 
 
 def truncate_after(path: str | Path, step: int) -> int:

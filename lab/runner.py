@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,42 +21,67 @@ import torch
 from transformers import TrainerCallback
 
 from lab.aggregation import METHODS, check_alpha, counterfactual_cv
-from lab.models import EMBEDDED_MODEL, load_model_and_tokenizer, lora_config, resolve_preset
+from lab.models import EMBEDDED_MODEL, load_model_and_tokenizer, lora_config, model_path, resolve_preset
 from lab.runlog import CONFIG, RunWriter, read_json, run_id, run_label
-from lab.tasks import DEMO, TASKS, get_task
+from lab.tasks import DEMO, FAST, TASKS, get_task
 
 CHECKPOINTS = "checkpoints"
+
+
+#: Named bundles of defaults: ``fast`` (the default main job) and the SmolLM2 CountDown demo.
+RUN_PRESETS: dict[str, dict[str, Any]] = {"fast": FAST, "smollm2-countdown": DEMO}
+OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}  # --optimizer → transformers' optim name
+#: Defaults outside the presets (a Qwen2.5 model on a GPU, the paper-like setting).
+GENERAL = {"steps": 200, "prompts_per_step": 16, "num_generations": 8, "max_completion_length": 1024,
+           "temperature": 1.0, "shaped": False, "learning_rate": {"adamw": 2e-5, "sgd": 1e-3}}  # fmt: skip
+
+
+def infer_preset(model: str | None, task: str | None) -> str | None:
+    """The preset whose defaults apply when none is named: ``fast`` with neither model nor task, the
+    CountDown demo for the embedded model (and the ``tiny`` test model) on CountDown, else none."""
+    if model in (None, FAST["model"]) and task in (None, FAST["task"]):
+        return "fast"
+    if model in (None, EMBEDDED_MODEL, "tiny") and task in (None, DEMO["task"]):
+        return "smollm2-countdown"
+    return None
 
 
 @dataclass
 class RunConfig:
     """Everything one run needs; saved as ``config.json`` so a run can be reproduced or resumed.
 
-    ``None`` means "the default for this model": the measured CPU demo settings (``lab.tasks.DEMO``) for
-    the embedded model, and the paper-like settings for the others (see :meth:`resolved`).
+    ``None`` means "the default": from the named ``preset`` (``fast`` or ``smollm2-countdown``, see
+    :data:`RUN_PRESETS`), else from the preset :func:`infer_preset` picks for the model and task, else the
+    paper-like defaults for a real model (:data:`GENERAL`). :meth:`resolved` fills them in.
     """
 
     aggregator: str = "delta_l"
     alpha: float = 1.0
     delta_l_scope: str = "batch"
-    task: str = DEMO["task"]
-    model: str = EMBEDDED_MODEL
-    steps: int | None = None  # CPU demo: DEMO['steps']; otherwise 200
+    preset: str | None = None
+    task: str | None = None
+    model: str | None = None
+    steps: int | None = None
     seed: int = 0
-    prompts_per_step: int | None = None  # CPU demo: DEMO['prompts_per_step']; otherwise 16
-    micro_batch_size: int | None = None  # rows per forward/backward; None: min(8, rows per step)
+    prompts_per_step: int | None = None
+    micro_batch_size: int | None = None  # rows per forward/backward; None: min(8, rows per step) (fast: all)
     num_generations: int | None = None
     max_completion_length: int | None = None
     temperature: float | None = None
-    learning_rate: float = 2e-5
+    optimizer: str = "adamw"
+    learning_rate: float | None = None
+    max_grad_norm: float = 1.0
+    equalize_step_size: bool = False
+    length_range: tuple[int, int] | None = None  # digitsum: digits per problem (min, max)
     lora_r: int | None = None
     shaped_reward: bool | None = None
     task_options: dict[str, Any] | None = None
     eval_every: int = 0  # 0: evaluate only after the last step (if eval_prompts > 0)
     eval_prompts: int = 0
     eval_k: int = 4
-    probe_every: int = 0
-    save_every: int = 5
+    probe_every: int | None = None
+    compare_gradients_every: int | None = None
+    save_every: int | None = None
     threads: int | None = None
     log_texts: bool = False
     report_to: list[str] = field(default_factory=list)
@@ -67,60 +93,116 @@ class RunConfig:
         if c.aggregator not in METHODS:
             raise ValueError(f"unknown aggregator {c.aggregator!r}; expected one of {', '.join(METHODS)}")
         c.alpha = check_alpha(c.alpha)
-        if c.task not in TASKS:
+        if c.preset is not None and c.preset not in RUN_PRESETS:
+            raise ValueError(f"unknown preset {c.preset!r}; expected one of {', '.join(RUN_PRESETS)}")
+        if c.task is not None and c.task not in TASKS:
             raise ValueError(f"unknown task {c.task!r}; expected one of {', '.join(TASKS)}")
+        if c.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {c.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if c.delta_l_scope not in ("batch", "group"):
+            raise ValueError(f"delta_l_scope must be 'batch' or 'group', got {c.delta_l_scope!r}")
+        c.preset = c.preset or infer_preset(c.model, c.task)
+        d = RUN_PRESETS[c.preset] if c.preset else GENERAL
+        c.task = c.task or d.get("task", DEMO["task"])
+        c.model = c.model or d.get("model", EMBEDDED_MODEL)
         resolve_preset(c.model)
-        demo = c.model in (EMBEDDED_MODEL, "tiny") and c.task == DEMO["task"]
-        if c.steps is None:
-            c.steps = DEMO["steps"] if demo else 200
-        if c.prompts_per_step is None:
-            c.prompts_per_step = DEMO["prompts_per_step"] if demo else 16
-        if c.num_generations is None:
-            c.num_generations = DEMO["num_generations"] if demo else 8
-        if c.max_completion_length is None:
-            c.max_completion_length = DEMO["max_completion_length"] if demo else 1024
-        if c.temperature is None:
-            c.temperature = DEMO["temperature"] if demo else 1.0
+        _check_task_model(c.task, c.model)
+        for name in ("steps", "prompts_per_step", "num_generations", "temperature", "micro_batch_size",
+                     "probe_every", "compare_gradients_every", "save_every", "threads"):  # fmt: skip
+            if getattr(c, name) is None:
+                setattr(c, name, d.get(name))
+        if c.learning_rate is None:
+            c.learning_rate = d.get("learning_rate", GENERAL["learning_rate"])[c.optimizer]
         if c.shaped_reward is None:
-            c.shaped_reward = DEMO["shaped"] if demo else False
+            c.shaped_reward = d.get("shaped", False)
         if c.task_options is None:
-            c.task_options = dict(DEMO["task_options"]) if demo else {}
-        rows = c.prompts_per_step * c.num_generations if isinstance(c.num_generations, int) else 0
-        if c.micro_batch_size is None:
-            c.micro_batch_size = math.gcd(rows, 8) or 1
-        positive = (
-            "steps",
-            "prompts_per_step",
-            "num_generations",
-            "max_completion_length",
-            "eval_k",
-            "save_every",
-        )
-        for name in (*positive, "micro_batch_size"):
-            value = getattr(c, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if rows % c.micro_batch_size:
-            raise ValueError(
-                f"micro_batch_size={c.micro_batch_size!r} must divide the {rows} completions of a step"
-            )
-        if c.num_generations < 2:
-            raise ValueError(
-                f"num_generations must be >= 2 (a group needs a reward spread), got {c.num_generations!r}"
-            )
-        for name in ("eval_every", "eval_prompts", "probe_every"):
-            value = getattr(c, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if not (c.temperature > 0 and c.learning_rate > 0):
-            raise ValueError(
-                f"temperature and learning_rate must be > 0, got {c.temperature!r}, {c.learning_rate!r}"
-            )
+            c.task_options = dict(d.get("task_options", {})) if c.task == d.get("task") else {}
+        if c.length_range is not None:
+            c.task_options.update(_length_range_options(c.task, c.length_range))
+        if c.max_completion_length is None:
+            c.max_completion_length = d.get("max_completion_length") or _default_max_length(c)
+        c.probe_every = c.probe_every or 0
+        c.compare_gradients_every = c.compare_gradients_every or 0
+        c.save_every = c.save_every or 5
+        _check_numbers(c)
         return c
 
     @property
     def run_id(self) -> str:
         return run_id(self.aggregator, self.seed, self.alpha)
+
+
+def run_defaults(config: RunConfig) -> dict[str, int]:
+    """Comparison-level defaults of the config's preset: ``seeds`` (fast: 5, else 1), ``workers`` (fast: as
+    many as there are CPU cores, at most its preset value; else 1). Validates the config (ValueError)."""
+    c = config.resolved()
+    d = RUN_PRESETS.get(c.preset or "", {})
+    return {
+        "seeds": int(d.get("seeds", 1)),
+        "workers": max(1, min(int(d.get("workers", 1)), os.cpu_count() or 1)),
+    }
+
+
+def _check_task_model(task: str, model: str) -> None:
+    """The digitsum task and its model only make sense together (the model knows 16 words)."""
+    if (task == FAST["task"]) != (model == FAST["model"]):
+        raise ValueError(
+            f"task {task!r} with model {model!r}: the {FAST['task']!r} task needs the {FAST['model']!r} model "
+            "and that model knows only that task"
+        )
+
+
+def _length_range_options(task: str, length_range: tuple[int, int]) -> dict[str, int]:
+    if task != FAST["task"]:
+        raise ValueError(f"--length-range applies to the {FAST['task']!r} task only, not {task!r}")
+    from lab.tasks.digitsum import check_digit_range
+
+    lo, hi = check_digit_range(*length_range)
+    return {"min_digits": lo, "max_digits": hi}
+
+
+def _default_max_length(c: RunConfig) -> int:
+    """digitsum: room for the longest scratchpad (2n + 4 tokens) plus 4 to ramble."""
+    if c.task == FAST["task"]:
+        from lab.tasks.digitsum import DEFAULT_DIGITS
+
+        return 2 * int(c.task_options.get("max_digits", DEFAULT_DIGITS[1])) + 8
+    return GENERAL["max_completion_length"]
+
+
+def _check_numbers(c: RunConfig) -> None:
+    rows = c.prompts_per_step * c.num_generations if isinstance(c.num_generations, int) else 0
+    if c.micro_batch_size is None:
+        c.micro_batch_size = (rows if c.preset == "fast" else math.gcd(rows, 8)) or 1
+    for name in ("steps", "prompts_per_step", "num_generations", "max_completion_length", "eval_k",
+                 "save_every", "micro_batch_size"):  # fmt: skip
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if rows % c.micro_batch_size:
+        raise ValueError(
+            f"micro_batch_size={c.micro_batch_size!r} must divide the {rows} completions of a step"
+        )
+    if c.num_generations < 2:
+        raise ValueError(
+            f"num_generations must be >= 2 (a group needs a reward spread), got {c.num_generations!r}"
+        )
+    for name in ("eval_every", "eval_prompts", "probe_every", "compare_gradients_every"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    for name in ("temperature", "learning_rate"):
+        value = getattr(c, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not (
+        isinstance(c.max_grad_norm, (int, float)) and math.isfinite(c.max_grad_norm) and c.max_grad_norm >= 0
+    ):
+        raise ValueError(
+            f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {c.max_grad_norm!r}"
+        )
+    if c.threads is not None and (not isinstance(c.threads, int) or c.threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {c.threads!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,6 +225,7 @@ class RunLogCallback(TrainerCallback):
         self.on_step = on_step  # optional callable(step, trainer) for evaluation; may return an eval record
         self._step_started = time.perf_counter()
         self._last_tokens: float | None = None
+        self.progress: tuple[str, int] | None = None  # (name, every k steps): print a short line
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
@@ -167,6 +250,13 @@ class RunLogCallback(TrainerCallback):
         self._write_probes()
         self.writer.log_metrics(record)
         self.writer.set_status("running", step, state.max_steps)
+        if self.progress and (step % self.progress[1] == 0 or step == state.max_steps):
+            print(
+                f"  {self.progress[0]}: step {step}/{state.max_steps}  reward {record.get('reward', float('nan')):.3f}  "
+                f"mean length {record.get('completions/mean_length', float('nan')):.1f}  "
+                f"{record['step_time']:.2f} s/step",
+                flush=True,
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.on_step is not None:
@@ -218,13 +308,17 @@ def _trl_args(c: RunConfig, run_dir: Path):
         num_generations=c.num_generations,
         max_completion_length=c.max_completion_length,
         temperature=c.temperature,
+        top_k=0,  # plain sampling at the temperature, as the completions' log-probs assume
+        top_p=1.0,
         learning_rate=c.learning_rate,
         lr_scheduler_type="constant",
         warmup_steps=0,
         beta=0.0,  # no KL, as in the paper's aggregator comparison
         epsilon=0.2,
         epsilon_high=0.3,  # the paper's clip 0.2 / 0.3
-        max_grad_norm=1.0,
+        max_grad_norm=c.max_grad_norm,
+        optim=OPTIMIZERS[c.optimizer],
+        equalize_step_size=c.equalize_step_size,
         logging_steps=1,
         save_strategy="steps",
         save_steps=c.save_every,
@@ -285,29 +379,55 @@ def _evaluator(c: RunConfig, task, tokenizer, eval_data):
     return on_step
 
 
-def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False) -> Path:
-    """Train one run into ``run_dir``. Ctrl-C saves a checkpoint and marks the run "interrupted";
-    ``resume=True`` continues from the last checkpoint, dropping log lines past it (none duplicated)."""
+def check_run_dir(run_dir: Path, aggregator: str, *, resume: bool) -> None:
+    """Refuse, before anything is created, a run dir that cannot hold this run (ValueError/FileExistsError)."""
+    for parent in (run_dir, *run_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--out: {parent} exists and is not a directory")
+    if resume and (run_dir / CONFIG).exists():
+        saved = read_json(run_dir / CONFIG) or {}
+        if saved.get("run", {}).get("aggregator") not in (None, aggregator):
+            raise ValueError(f"{run_dir} holds a {saved['run']['aggregator']!r} run, not {aggregator!r}")
+    elif not resume and (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
+
+
+def _attach_probes(c: RunConfig, trainer, callback: RunLogCallback) -> None:
+    from lab.probes import AggregatorGradientHook, make_probe_hook
+
+    small = c.preset == "fast"  # the small model: one batched backward gives every row's gradient
+    if c.probe_every:
+        hook = make_probe_hook(
+            c.probe_every, alpha=c.alpha, max_length=c.max_completion_length,
+            max_rows=None if small else 16, batched=small,
+        )  # fmt: skip
+        trainer.generation_hooks.append(hook)
+        callback.probe_hooks.append(hook)
+    if c.compare_gradients_every:
+        trainer.generation_hooks.append(AggregatorGradientHook(c.compare_gradients_every))
+
+
+def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> Path:
+    """Train one run into ``run_dir``. Ctrl-C (or SIGTERM) saves a checkpoint and marks the run
+    "interrupted"; ``resume=True`` continues from the last checkpoint, dropping log lines past it.
+
+    Everything that can fail on bad input (settings, the run dir, the model, the data) is checked before the
+    run dir is created; a run that fails before its first step removes the dir it created. ``quiet``
+    replaces transformers' progress bar and log dicts by one short line every 10% of the steps (for runs
+    that share a terminal with others).
+    """
+    from accelerate import PartialState
+
     from lab.trainer import DeltaLGRPOTrainer
 
     c = config.resolved()
     run_dir = Path(run_dir)
-    from accelerate import PartialState
-
-    writer = RunWriter(run_dir, enabled=PartialState().is_main_process)  # one writer in a multi-process run
-    checkpoint = _last_checkpoint(run_dir) if resume else None
-    if resume and (run_dir / CONFIG).exists():
-        saved = read_json(run_dir / CONFIG) or {}
-        if saved.get("run", {}).get("aggregator") not in (None, c.aggregator):
-            raise ValueError(f"{run_dir} holds a {saved['run']['aggregator']!r} run, not {c.aggregator!r}")
-    elif (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
-        )
+    check_run_dir(run_dir, c.aggregator, resume=resume)
     _set_threads(c)
     random.seed(c.seed)
     torch.manual_seed(c.seed)
-
     task = get_task(c.task)
     chat = resolve_preset(c.model).chat
     train_data = task.train_dataset(c.steps * c.prompts_per_step, seed=c.seed, chat=chat, **c.task_options)
@@ -319,48 +439,41 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False) -
     model, tokenizer = load_model_and_tokenizer(c.model)
     args = _trl_args(c, run_dir)
 
-    writer.write_config(
-        {
-            "run": dataclasses.asdict(c),
-            "run_id": c.run_id,
-            "label": run_label(c.aggregator, c.alpha),
-            "comparison": c.comparison,
-            "aggregator": c.aggregator,
-            "alpha": c.alpha,
-            "seed": c.seed,
-            "task": c.task,
-            "model": c.model,
-            "max_steps": c.steps,
-            "num_generations": c.num_generations,
-            "max_completion_length": c.max_completion_length,
-            "versions": _versions(),
-            "created": time.time(),
-        }
-    )
-    callback = RunLogCallback(
-        writer,
-        max_length=c.max_completion_length,
-        alpha=c.alpha,
-        on_step=_evaluator(c, task, tokenizer, eval_data),
-    )
-    trainer = DeltaLGRPOTrainer(
-        model=model,
-        processing_class=tokenizer,
-        reward_funcs=task.reward_funcs(shaped=c.shaped_reward),
-        args=args,
-        train_dataset=train_data,
-        peft_config=lora_config(c.model, r=c.lora_r),
-        callbacks=[callback],
-    )
+    is_main = PartialState().is_main_process
+    created = not run_dir.exists()
+    writer = RunWriter(run_dir, enabled=is_main)  # one writer in a multi-process run
+    try:
+        writer.write_config(_config_record(c))
+        callback = RunLogCallback(
+            writer,
+            max_length=c.max_completion_length,
+            alpha=c.alpha,
+            on_step=_evaluator(c, task, tokenizer, eval_data),
+        )
+        trainer = DeltaLGRPOTrainer(
+            model=model,
+            processing_class=tokenizer,
+            reward_funcs=task.reward_funcs(shaped=c.shaped_reward),
+            args=args,
+            train_dataset=train_data,
+            peft_config=lora_config(c.model, r=c.lora_r),
+            callbacks=[callback],
+        )
+    except BaseException:
+        if created and is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves nothing behind
+        raise
     trainer.log_completion_texts = c.log_texts
     callback.trainer = trainer
-    if c.probe_every:
-        from lab.probes import make_probe_hook
+    _attach_probes(c, trainer, callback)
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        hook = make_probe_hook(c.probe_every, alpha=c.alpha, max_length=c.max_completion_length, max_rows=16)
-        trainer.generation_hooks.append(hook)
-        callback.probe_hooks.append(hook)
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        callback.progress = (c.run_id, max(1, c.steps // 10))
 
+    checkpoint = _last_checkpoint(run_dir) if resume else None
     start_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else 0
     writer.truncate_after(start_step)  # steps after the checkpoint are trained (and logged) again
     writer.set_status("running", start_step, c.steps)
@@ -383,29 +496,179 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False) -
     return run_dir
 
 
-def run_comparison(
-    config: RunConfig, *, aggregators: list[str], seeds: list[int], out: str | Path, resume: bool = False
-) -> list[Path]:
-    """Train every aggregator × seed with otherwise identical settings into ``out/<run_id>/``.
+def _config_record(c: RunConfig) -> dict[str, Any]:
+    return {
+        "run": dataclasses.asdict(c),
+        "run_id": c.run_id,
+        "label": run_label(c.aggregator, c.alpha),
+        "comparison": c.comparison,
+        "aggregator": c.aggregator,
+        "alpha": c.alpha,
+        "seed": c.seed,
+        "task": c.task,
+        "model": c.model,
+        "preset": c.preset,
+        "optimizer": c.optimizer,
+        "learning_rate": c.learning_rate,
+        "equalize_step_size": c.equalize_step_size,
+        "delta_l_scope": c.delta_l_scope,
+        "max_steps": c.steps,
+        "num_generations": c.num_generations,
+        "max_completion_length": c.max_completion_length,
+        "versions": _versions(),
+        "created": time.time(),
+    }
 
-    Runs already marked "finished" are skipped, so a re-run with ``resume=True`` completes a comparison.
+
+# ---------------------------------------------------------------------------------------------------
+# a comparison: every aggregator x seed, one after another or in parallel worker processes
+# ---------------------------------------------------------------------------------------------------
+def comparison_plan(
+    config: RunConfig, *, aggregators: list[str], seeds: list[int], out: str | Path, resume: bool = False
+) -> list[tuple[RunConfig, Path]]:
+    """The ``(config, run dir)`` of every run of a comparison, each fully checked (nothing is created).
+
+    Same prompts, seeds and sampling settings for every aggregator: only ``aggregator`` differs between
+    the runs of one seed. Raises ValueError/FileExistsError naming the first bad value.
     """
     out = Path(out)
-    for agg in aggregators:
-        RunConfig(aggregator=agg).resolved()  # fail before hours of training, not after
-    runs = []
-    total = len(aggregators) * len(seeds)
-    for i, (seed, agg) in enumerate(((s, a) for s in seeds for a in aggregators), start=1):
-        c = dataclasses.replace(config, aggregator=agg, seed=seed, comparison=out.name)
-        run_dir = out / c.run_id
-        status = read_json(run_dir / "status.json") or {}
-        if status.get("state") == "finished":
-            print(f"[{i}/{total}] {c.run_id}: already finished, skipped", flush=True)
+    if not aggregators:
+        raise ValueError("no aggregators to compare")
+    if len(set(aggregators)) != len(aggregators):
+        raise ValueError(f"aggregators repeat: {aggregators}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    plan = []
+    for seed in seeds:
+        for agg in aggregators:
+            c = dataclasses.replace(config, aggregator=agg, seed=seed, comparison=out.name).resolved()
+            run_dir = out / c.run_id
+            status = read_json(run_dir / "status.json") or {}
+            if status.get("state") != "finished":
+                check_run_dir(run_dir, agg, resume=resume)
+            plan.append((c, run_dir))
+    return plan
+
+
+def run_comparison(
+    config: RunConfig,
+    *,
+    aggregators: list[str],
+    seeds: list[int],
+    out: str | Path,
+    resume: bool = False,
+    workers: int = 1,
+) -> list[Path]:
+    """Train every aggregator × seed with otherwise identical settings into ``out/<run_id>/``, then write
+    ``out/verdict.json`` (:func:`lab.verdict.compare_runs`) and print it.
+
+    ``workers > 1`` runs that many runs at a time, each in its own process (one CPU thread each by
+    default for the small model). Runs already marked "finished" are skipped, so a re-run with
+    ``resume=True`` completes a comparison.
+    """
+    out = Path(out)
+    plan = comparison_plan(config, aggregators=aggregators, seeds=seeds, out=out, resume=resume)
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    todo = []
+    for i, (c, run_dir) in enumerate(plan, start=1):
+        if (read_json(run_dir / "status.json") or {}).get("state") == "finished":
+            print(f"[{i}/{len(plan)}] {c.run_id}: already finished, skipped", flush=True)
         else:
-            print(f"[{i}/{total}] {c.run_id} → {run_dir}", flush=True)
+            todo.append((i, c, run_dir))
+    started = time.perf_counter()
+    if todo:
+        model_path(todo[0][1].model)  # build/convert a lab-made model once, here, not in every worker
+    if workers == 1 or len(todo) <= 1:
+        for i, c, run_dir in todo:
+            print(f"[{i}/{len(plan)}] {c.run_id} → {run_dir}", flush=True)
             train_run(c, run_dir, resume=resume)
-        runs.append(run_dir)
-    return runs
+    else:
+        _run_parallel(todo, len(plan), workers=workers, resume=resume)
+    run_dirs = [run_dir for _, run_dir in plan]
+    if len(aggregators) > 1:
+        from lab.verdict import compare_runs, format_verdict
+
+        verdict = compare_runs(run_dirs)
+        verdict["wall_seconds"] = time.perf_counter() - started
+        verdict["workers"] = workers
+        write_verdict(out, verdict)
+        print(format_verdict(verdict), flush=True)
+    return run_dirs
+
+
+def _run_parallel(todo: list[tuple[int, RunConfig, Path]], total: int, *, workers: int, resume: bool) -> None:
+    """Run ``todo`` in ``workers`` processes (spawned: a clean interpreter, imports paid once per worker).
+
+    Ctrl-C/SIGTERM reaches every worker (same process group): each saves a checkpoint and marks its run
+    interrupted, then the pool shuts down and KeyboardInterrupt is raised here. A failed run fails the
+    comparison after the others finish (its status.json says why).
+    """
+    import concurrent.futures as futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    failures: list[str] = []
+    interrupted = False
+    with futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_worker_init
+    ) as pool:
+        jobs = {}
+        for i, c, run_dir in todo:
+            print(f"[{i}/{total}] {c.run_id} → {run_dir}  (queued on {workers} workers)", flush=True)
+            jobs[pool.submit(_worker_run, c, str(run_dir), resume)] = c.run_id
+        try:
+            for job in futures.as_completed(jobs):
+                result = job.result()
+                print(f"  {jobs[job]}: {result}", flush=True)
+                if result not in ("finished",):
+                    interrupted |= result == "interrupted"
+                    failures.append(f"{jobs[job]}: {result}")
+        except KeyboardInterrupt:
+            interrupted = True
+            for job in jobs:
+                job.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)  # workers finish saving their checkpoints
+    if interrupted:
+        raise KeyboardInterrupt
+    if failures:
+        raise RuntimeError("runs failed (see their status.json): " + "; ".join(failures))
+
+
+def _worker_init() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an idle worker ignores Ctrl-C/SIGTERM; a running one
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # saves its run (see _worker_run)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _worker_run(config: RunConfig, run_dir: str, resume: bool) -> str:
+    """One run in a worker process; returns "finished", "interrupted" or "failed: <error>" (never raises,
+    so one failure or Ctrl-C does not break the pool)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        train_run(config, run_dir, resume=resume, quiet=True)
+        return "finished"
+    except KeyboardInterrupt:
+        return "interrupted"
+    except Exception as err:  # reported by the parent; status.json holds the run's own record
+        return f"failed: {type(err).__name__}: {err}"
+    finally:
+        _worker_init()
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def write_verdict(out: Path, verdict: dict[str, Any]) -> None:
+    from lab.runlog import VERDICT, write_json_atomic
+
+    write_json_atomic(out / VERDICT, verdict)
 
 
 def _versions() -> dict[str, str]:

@@ -20,7 +20,16 @@ Read it top to bottom; the ΔL logic is two methods.
    :math:`\min(r A w, \mathrm{clip}(r) A w) = w \min(r A, \mathrm{clip}(r) A)`. As in the official
    implementation, a KL penalty (``beta > 0``) is not weighted.
 
+3. **Optional: equal expected step size** (``equalize_step_size=True``, any loss type). Every aggregator is
+   :math:`\hat g = \sum_i x_i g_i`; its scale :math:`\sum_i x_i` is :math:`1/M` for Dr. GRPO and ΔL but
+   :math:`\mathrm{mean}(1/L)` for GRPO and :math:`N/\sum L` for DAPO, so at one learning rate they take
+   steps of different sizes. With the switch on, the advantages of a generation batch are multiplied by
+   :math:`c = (1/M) / \sum_i x_i` (exact, :math:`c > 0`), so every aggregator has ΔL's scale and only
+   the *direction* differs. With batch-scope weights GRPO then equals ΔL(α=1) and DAPO equals Dr. GRPO.
+
 Everything else (generation, rewards, advantages, clipping, logging, checkpoints, ``report_to``) is TRL's.
+Every step logs ``aggregator/relative_scale`` (:math:`M\sum_i x_i` of this run's aggregator on this batch,
+1 for the unbiased ones) and, with the switch on, ``aggregator/step_scale`` (:math:`c`).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import trl.trainer.utils as _trl_utils
 from trl import GRPOConfig, GRPOTrainer
 from trl.kernels.chunked_logprob import _use_triton
 
-from lab.aggregation import check_alpha, delta_l_row_weights
+from lab.aggregation import check_alpha, delta_l_row_weights, sequence_weights
 
 # TRL's fused LM head scores only the completion positions when Triton is available, and *every* position
 # (prompt included) elsewhere, to spare Neuron devices a recompile per shape. On CPU that is pure waste: for
@@ -47,6 +56,7 @@ _trl_utils._use_triton = lambda device: device.type == "cpu" or _use_triton(devi
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 LOSS_TYPES = (*TRL_LOSS_TYPES, "delta_l")
 DELTA_L_SCOPES = ("batch", "group")
+SCALED_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "delta_l")  # those whose Σx_i the lab knows (lab.aggregation)
 
 
 @dataclass
@@ -73,6 +83,14 @@ class DeltaLGRPOConfig(GRPOConfig):
         },
     )
 
+    equalize_step_size: bool = field(
+        default=False,
+        metadata={
+            "help": "Scale each generation batch's advantages by (1/M)/Σx_i so every loss type has ΔL's "
+            "expected step size (only the gradient direction differs)."
+        },
+    )
+
     def __post_init__(self) -> None:
         # Fail at config time, not at step 100 inside _compute_loss.
         if self.loss_type not in LOSS_TYPES:
@@ -80,6 +98,10 @@ class DeltaLGRPOConfig(GRPOConfig):
         self.delta_l_alpha = check_alpha(self.delta_l_alpha)
         if self.delta_l_scope not in DELTA_L_SCOPES:
             raise ValueError(f"delta_l_scope must be one of {DELTA_L_SCOPES}, got {self.delta_l_scope!r}")
+        if self.equalize_step_size and self.loss_type not in SCALED_LOSS_TYPES:
+            raise ValueError(
+                f"equalize_step_size needs loss_type in {SCALED_LOSS_TYPES}, got {self.loss_type!r}"
+            )
         super().__post_init__()
 
 
@@ -108,38 +130,67 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         return output
 
     def attach_delta_l_weights(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compute the ΔL row weights of a generation batch and store this process's rows in
-        ``output["delta_l_weights"]``. Returns the gathered (all-process) lengths and weights
-        (weights are all 1 for other loss types)."""
+        """Compute the row weights of a generation batch and store this process's rows in ``output``.
+
+        ``output["delta_l_weights"]``: the ΔL row weights (``loss_type="delta_l"``); with
+        ``equalize_step_size`` every loss type also gets ``output["step_scale"]`` (the batch's :math:`c`,
+        one value per row). Returns the gathered (all-process) lengths and the ΔL weights (all 1 for other
+        loss types)."""
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
         local_lengths = mask.sum(-1)
         lengths = self.accelerator.gather(local_lengths)  # process order = TRL's process_slice order
-        if self.loss_type != "delta_l":
-            return lengths, torch.ones_like(lengths, dtype=torch.float64)
-        weights = delta_l_row_weights(
-            lengths.cpu(),
-            alpha=self.args.delta_l_alpha,
-            max_length=max(self.max_completion_length, int(lengths.max())),
-            group_size=self.num_generations if self.args.delta_l_scope == "group" else None,
-        )
         n_local = local_lengths.shape[0]
         start = self.accelerator.process_index * n_local
-        output["delta_l_weights"] = weights[start : start + n_local].to(output["advantages"])
-        self._log_weight_stats(weights)
+        M = max(self.max_completion_length, int(lengths.max()))
+        weights = torch.ones_like(lengths, dtype=torch.float64)
+        if self.loss_type == "delta_l":
+            weights = delta_l_row_weights(
+                lengths.cpu(),
+                alpha=self.args.delta_l_alpha,
+                max_length=M,
+                group_size=self.num_generations if self.args.delta_l_scope == "group" else None,
+            )
+            output["delta_l_weights"] = weights[start : start + n_local].to(output["advantages"])
+            self._log_weight_stats(weights)
+        self._log_scale(lengths.cpu(), M, output, n_local)
         return lengths, weights
+
+    def batch_scale(self, lengths: torch.Tensor, max_length: float) -> float:
+        r""":math:`\sum_i x_i` of this run's aggregator over a whole generation batch (TRL normalizes over the
+        batch: GRPO mean(1/L), DAPO N/ΣL, Dr. GRPO and ΔL 1/M)."""
+        active = lengths[lengths > 0]
+        if active.numel() == 0 or self.loss_type == "delta_l":
+            return 1.0 / max_length
+        return float(sequence_weights(active, self.loss_type, max_length=max_length).sum())
+
+    def _log_scale(
+        self, lengths: torch.Tensor, max_length: float, output: dict[str, Any], n_local: int
+    ) -> None:
+        if self.loss_type not in SCALED_LOSS_TYPES:
+            return
+        scale = self.batch_scale(lengths, max_length)
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics["aggregator/relative_scale"].append(scale * max_length)
+        if self.args.equalize_step_size:
+            step_scale = 1.0 / (max_length * scale)  # c = (1/M) / Σ x_i
+            output["step_scale"] = torch.full((n_local,), step_scale).to(output["advantages"])
+            metrics["aggregator/step_scale"].append(step_scale)
 
     # -- 2. loss: TRL's dr_grpo normalizer on weighted advantages ------------------------------------
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        advantages = inputs["advantages"]
+        for key in ("delta_l_weights", "step_scale"):  # per-row multipliers, > 0: exact for the clipped loss
+            if key in inputs:
+                row = inputs[key]
+                advantages = advantages * (row if advantages.dim() == 1 else row.unsqueeze(1))
+        inputs = {**inputs, "advantages": advantages}
         if self.loss_type != "delta_l":
             return super()._compute_loss(model, inputs)
-        weights = inputs["delta_l_weights"]
-        advantages = inputs["advantages"]
-        weighted = advantages * (weights if advantages.dim() == 1 else weights.unsqueeze(1))
         self.loss_type = "dr_grpo"  # Σ_i Σ_t w_i·loss_{i,t} / (rows × max_completion_length)
         try:
-            return super()._compute_loss(model, {**inputs, "advantages": weighted})
+            return super()._compute_loss(model, inputs)
         finally:
             self.loss_type = "delta_l"
 

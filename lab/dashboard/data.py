@@ -18,21 +18,10 @@ import numpy as np
 import pandas as pd
 
 from lab.runlog import CONFIG, EVAL, METRICS, PROBES, SAMPLES, STATUS, RunReader, list_runs, read_json
+from lab.verdict import t95
 
 STALE_AFTER_S = 900  # a "running" run whose status.json is older than this gets a warning
 _SEED_RE = re.compile(r"^(?P<label>.+)-s(?P<seed>\d+)$")
-# two-sided 95% Student t quantiles by degrees of freedom (no scipy in the lab's dependencies)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
-
-
-def t95(n: int) -> float:
-    """Two-sided 95% t quantile for a mean over ``n`` values (1.96 for large ``n``)."""
-    df = n - 1
-    if df < 1:
-        return float("nan")
-    keys = [k for k in _T95 if k <= df]
-    return _T95[max(keys)] if df <= 30 else 1.96
 
 
 def _numeric_list(value: Any) -> np.ndarray | None:

@@ -143,17 +143,18 @@ def option_names(dests: Sequence[str]) -> list[str]:
     return [by_dest.get(d, d) for d in dests]
 
 
-def split_extra(extra: str, form_args: Sequence[str]) -> list[str]:
+def split_extra(extra: str, form_args: Sequence[str], reserved: Sequence[str] = ()) -> list[str]:
     """``extra`` split like a shell would (never run by one), checked by ``lab compare``'s parser.
 
-    It may not set an option the form sets (``--out`` included: argparse keeps the last one given).
+    It may not set an option the form sets (``--out`` included: argparse keeps the last one given), nor one
+    of the ``reserved`` dests (a form field left empty on purpose, e.g. the model).
     """
     try:
         tokens = shlex.split(extra)
     except ValueError as err:
         raise ValueError(f"extra arguments {extra!r}: {err}") from None
     try:
-        taken = sorted(dests_set(form_args).keys() & dests_set(tokens).keys())
+        taken = sorted((dests_set(form_args).keys() | set(reserved)) & dests_set(tokens).keys())
     except ValueError as err:
         raise ValueError(f"extra arguments {extra!r}: {err}") from None
     if taken:
@@ -180,9 +181,10 @@ def build_compare_args(
     extra: str = "",
     prefix: Sequence[str] | None = None,
 ) -> list[str]:
-    """The checked argument list of ``lab compare`` (``model`` empty: the parser's default model).
+    """The checked argument list of ``lab compare`` (``model`` empty: the default preset's model).
 
-    The form always passes every option it shows, so none of them can be set again in ``extra``.
+    The form passes every option it shows (the model only when one is given), and none of them can be set
+    again in ``extra``.
     """
     if not aggregators:
         raise ValueError("choose at least one aggregator")
@@ -192,10 +194,11 @@ def build_compare_args(
     _check_bounds("steps", int(steps), 1, MAX_STEPS)
     _check_bounds("seeds per aggregator", int(seeds), 1, MAX_SEEDS)
     _check_bounds("ΔL α", float(alpha), 0.0, MAX_ALPHA)
-    model = check_model(model.strip() or str(_compare_parser().get_default("model")))
     form = ["--out", str(out), "--aggregators", ",".join(aggregators), "--steps", str(int(steps)),
-            "--seeds", str(int(seeds)), "--alpha", f"{float(alpha):g}", "--model", model]  # fmt: skip
-    tokens = split_extra(extra, form)
+            "--seeds", str(int(seeds)), "--alpha", f"{float(alpha):g}"]  # fmt: skip
+    if model.strip():
+        form += ["--model", check_model(model.strip())]
+    tokens = split_extra(extra, form, reserved=("model",))
     return [*(prefix if prefix is not None else command_prefix()), "compare", *form, *tokens]
 
 

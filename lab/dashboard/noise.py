@@ -116,3 +116,36 @@ def variance_scatter(run: RunData, probe: dict) -> go.Figure:
     )
     fig.update_layout(hovermode="closest")
     return fig
+
+
+# (a, b, the colour to draw the pair in, dashed): the two collinear pairs solid, the cross pairs dashed
+GRADIENT_PAIRS = (
+    ("grpo", "delta_l", "delta_l", None),
+    ("dapo", "dr_grpo", "dr_grpo", None),
+    ("grpo", "dapo", "grpo", "dash"),
+    ("dr_grpo", "delta_l", "dapo", "dash"),
+)
+
+
+def _pair_figure(run: RunData, kind: str, title: str, yaxis: str, window: int) -> go.Figure:
+    fig = new_figure(f"{run.run_id}: {title}", "step", yaxis)
+    for a, b, colour, dash in GRADIENT_PAIRS:
+        curve = label_curve([run], f"agg_grad/{kind}/{a}~{b}", window=window)
+        add_band_line(
+            fig, curve, colour, name=f"{display_name(a)} vs {display_name(b)}", band=False, dash=dash
+        )
+    if not fig.data:
+        return placeholder(
+            title, "No agg_grad/* metrics in this run (lab compare --compare-gradients-every K)."
+        )
+    return fig
+
+
+def gradient_cosine_figure(run: RunData, *, window: int = 1) -> go.Figure:
+    """Cosine between pairs of aggregated gradients on each step's batch (``agg_grad/cos/<a>~<b>``)."""
+    return _pair_figure(run, "cos", "cosine of aggregated gradients", "cos(ĝ_a, ĝ_b)", window)
+
+
+def gradient_norm_ratio_figure(run: RunData, *, window: int = 1) -> go.Figure:
+    """‖ĝ_a‖ / ‖ĝ_b‖ on each step's batch (``agg_grad/norm_ratio/<a>~<b>``): the per-step scalar."""
+    return _pair_figure(run, "norm_ratio", "norm ratio of aggregated gradients", "‖ĝ_a‖ / ‖ĝ_b‖", window)

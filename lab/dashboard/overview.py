@@ -114,3 +114,77 @@ def scores_table(groups: Groups) -> pd.DataFrame:
 def monotonicity_available() -> bool:
     """Whether lab.evaluation provides monotonicity_score (the table shows NaN otherwise)."""
     return _monotonicity() is not None
+
+
+# -------------------------------------------------------------------------------------------------------
+# the verdict: is a difference between aggregators more than seed noise?
+# -------------------------------------------------------------------------------------------------------
+def comparison_verdict(groups: Groups) -> tuple[dict | None, str]:
+    """The verdict of the selected runs and where it comes from.
+
+    When every selected run belongs to one comparison dir holding a ``verdict.json`` (written by
+    ``lab compare`` at its end, :func:`lab.runlog.read_verdict`), that file. Otherwise (runs still going, or a
+    selection across comparisons) the same computation (:func:`lab.verdict.verdict_from_curves`) on the
+    reward curves as they stand, said to be provisional. ``(None, reason)`` with fewer than two labels.
+    """
+    from lab.runlog import read_verdict
+    from lab.verdict import verdict_from_curves
+
+    runs = [r for rs in groups.values() for r in rs]
+    if len(groups) < 2:
+        return None, "The verdict compares aggregators: select runs of at least two."
+    parents = {r.run_dir.parent for r in runs}
+    if len(parents) == 1 and not any(r.is_live for r in runs):
+        stored = read_verdict(next(iter(parents)))
+        stored_labels = {p.get("a") for p in (stored or {}).get("pairs", [])} | {
+            p.get("b") for p in (stored or {}).get("pairs", [])
+        }
+        if stored is not None and stored_labels == set(groups):
+            return stored, f"from `{next(iter(parents)) / 'verdict.json'}` (written by `lab compare`)"
+    curves = {
+        label: {
+            r.seed: list(
+                zip(
+                    numeric_column(r.metrics, "reward").index,
+                    numeric_column(r.metrics, "reward"),
+                    strict=True,
+                )
+            )
+            for r in rs
+            if r.seed is not None
+        }
+        for label, rs in groups.items()
+    }
+    live = any(r.is_live for r in runs)
+    return verdict_from_curves(curves), (
+        "provisional: computed now from the runs as they stand"
+        + (" (some are still running)" if live else "")
+    )
+
+
+def verdict_table(verdict: dict) -> pd.DataFrame:
+    """One row per pair and metric: mean difference, both intervals, and what they say."""
+    rows = []
+    for p in verdict.get("pairs", []):
+        rows.append(
+            {
+                "a": display_name(str(p.get("a"))),
+                "b": display_name(str(p.get("b"))),
+                "metric": p.get("metric"),
+                "mean a − b": p.get("mean_diff"),
+                "95% bootstrap CI": _interval(p.get("ci")),
+                "95% t CI": _interval(p.get("ci_t")),
+                "seeds": p.get("n_seeds"),
+                "verdict": "distinguishable"
+                if p.get("distinguishable")
+                else f"not distinguishable at {p.get('n_seeds')} seeds",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _interval(value) -> str:
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value):
+        return "–"
+    lo, hi = value
+    return f"[{lo:+.3f}, {hi:+.3f}]" if math.isfinite(lo) and math.isfinite(hi) else "–"

@@ -17,6 +17,7 @@ from lab.aggregation import LENGTH_DISTRIBUTIONS, METHODS
 from lab.dashboard import launch, lengths, noise, overview, playground, weights
 from lab.dashboard.colors import display_name
 from lab.dashboard.data import RunData, RunStore, group_by_label
+from lab.tasks import FAST
 
 VIEWS = ("Overview", "Lengths", "Gradient noise", "Weights", "Estimator playground", "Launch")
 DEFAULT_RUNS_DIR = "runs"
@@ -107,6 +108,7 @@ def live_view(name: str, render: Callable[[list[RunData], Settings], None], sett
 # -------------------------------------------------------------------------------------------------------
 def render_overview(runs: list[RunData], s: Settings) -> None:
     groups = group_by_label(runs)
+    render_verdict(groups)
     band = st.radio("Band over seeds", list(overview.SEED_BANDS), format_func=overview.SEED_BANDS.get,
                     horizontal=True, key="ov_band")  # fmt: skip
     chart(overview.reward_figure(groups, window=s.window, seed_band=band), "ov_reward")
@@ -124,6 +126,22 @@ def render_overview(runs: list[RunData], s: Settings) -> None:
         + ("" if overview.monotonicity_available() else " (not available in this checkout: shown as NaN)")
         + "."
     )
+
+
+def render_verdict(groups) -> None:
+    verdict, source = overview.comparison_verdict(groups)
+    st.subheader("Verdict")
+    if verdict is None:
+        st.caption(source)
+        return
+    table = overview.verdict_table(verdict)
+    n_yes = int(sum(p.get("distinguishable", False) for p in verdict.get("pairs", [])))
+    st.markdown(
+        f"**{n_yes} of {len(table)}** differences are distinguishable from seed noise at "
+        f"{verdict.get('seeds', 0)} seed(s). A tie is a finding: it says the aggregator did not matter here."
+    )
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.caption(f"Verdict {source}. {verdict.get('method', '')} {verdict.get('note', '')}")
 
 
 def _step_picker(steps: list[int], key: str) -> int:
@@ -164,6 +182,17 @@ def render_noise(runs: list[RunData], s: Settings) -> None:
     )
     chart(noise.own_cv_figure(group_by_label(runs), window=s.window), "noise_own")
     run = _pick_run(runs, "noise_run")
+    left, right = st.columns(2)
+    with left:
+        chart(noise.gradient_cosine_figure(run, window=s.window), "noise_cos")
+    with right:
+        chart(noise.gradient_norm_ratio_figure(run, window=s.window), "noise_ratio")
+    st.caption(
+        "The four aggregators' gradients on the same batch of this run (`agg_grad/*`, logged with "
+        "`--compare-gradients-every`). With batch-scope weights GRPO and ΔL(α=1) point the same way (cosine 1) "
+        "and differ by the scalar M·mean(1/L) that changes every step; so do DAPO and Dr. GRPO (N·M/ΣL). Adam "
+        "largely absorbs such a scalar, SGD does not (`--optimizer sgd`, `--equalize-step-size`)."
+    )
     chart(noise.counterfactual_figure(run, window=s.window), "noise_cf")
     probes = noise.valid_probes(run)
     if not probes:
@@ -289,10 +318,12 @@ def _launch_form(runs_dir: Path) -> None:
     aggregators = st.multiselect("Aggregators", list(METHODS), default=list(METHODS), key="ln_aggs",
                                  format_func=display_name)  # fmt: skip
     c1, c2, c3, c4 = st.columns(4)
-    steps = c1.number_input("Steps", 1, launch.MAX_STEPS, 20, key="ln_steps")
-    seeds = c2.number_input("Seeds per aggregator", 1, launch.MAX_SEEDS, 1, key="ln_seeds")
+    steps = c1.number_input("Steps", 1, launch.MAX_STEPS, FAST["steps"], key="ln_steps")
+    seeds = c2.number_input("Seeds per aggregator", 1, launch.MAX_SEEDS, FAST["seeds"], key="ln_seeds")
     alpha = c3.number_input("ΔL α", 0.0, launch.MAX_ALPHA, 1.0, 0.05, key="ln_alpha")
-    model = c4.text_input("Model: a preset or a local folder (empty: the default)", "", key="ln_model")
+    model = c4.text_input("Model: a preset or a local folder (empty: the fast task's model)", "", key="ln_model",
+                          help="smollm2-135m runs the real-model CountDown demo: about a minute per step on a "
+                          "CPU, so lower Steps and Seeds for it.")  # fmt: skip
     extra = st.text_input("Extra `lab compare` arguments (e.g. --probe-every 10)", "", key="ln_extra")
     try:
         plan = launch.plan_launch(runs_dir, name, aggregators, steps=int(steps), seeds=int(seeds), model=model,

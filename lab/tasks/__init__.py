@@ -13,9 +13,10 @@ from typing import Any
 
 from lab.tasks.base import HubUnavailableError, RewardFunc, Task, completion_text, split_of
 from lab.tasks.countdown import CountdownTask
+from lab.tasks.digitsum import DigitSumTask
 from lab.tasks.math import MathTask
 
-TASKS: dict[str, type[Task]] = {"countdown": CountdownTask, "math": MathTask}
+TASKS: dict[str, type[Task]] = {"countdown": CountdownTask, "math": MathTask, "digitsum": DigitSumTask}
 
 # The CPU demo on the embedded SmolLM2-135M-Instruct (chat prompts). Chosen by measurement
 # (benchmarks/learning_signal.py, numbers in "measured"): 2-number problems with + and -, two worked
@@ -50,6 +51,32 @@ DEMO: dict[str, Any] = {
 }
 
 
+# The fast comparison, the default main job (`lab compare`): the digitsum task (lab.tasks.digitsum) on the
+# lab's own small model, trained in full (no LoRA). A step is 8 prompts x 8 completions of up to 32 tokens:
+# about 0.4 s through DeltaLGRPOTrainer on one CPU thread, so 4 aggregators x 5 seeds run side by side as
+# two single-threaded workers (benchmarks/fast_compare.py measures the whole job).
+FAST: dict[str, Any] = {
+    "task": "digitsum",
+    "model": "digitsum-tiny",
+    "task_options": {"min_digits": 2, "max_digits": 12},
+    "shaped": False,
+    "num_generations": 8,
+    "prompts_per_step": 8,
+    "max_completion_length": None,  # 2 * max_digits + 8: the longest scratchpad (2n + 4) plus room to ramble
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "steps": 60,
+    "learning_rate": {"adamw": 3e-4, "sgd": 0.1},
+    "micro_batch_size": None,  # the whole step in one forward/backward
+    "probe_every": 5,  # per-sample gradients: measured CV and Var(g_i) against L_i
+    "compare_gradients_every": 1,  # cosine / norm ratio of the four aggregators' gradients on each batch
+    "save_every": 20,
+    "threads": 1,
+    "seeds": 5,
+    "workers": 2,
+}
+
+
 def get_task(name: str) -> Task:
     """The task called ``name`` (``"countdown"`` or ``"math"``)."""
     if name not in TASKS:
@@ -59,8 +86,10 @@ def get_task(name: str) -> Task:
 
 __all__ = [
     "DEMO",
+    "FAST",
     "TASKS",
     "CountdownTask",
+    "DigitSumTask",
     "HubUnavailableError",
     "MathTask",
     "RewardFunc",
