@@ -91,7 +91,9 @@ def test_newcomer_without_runs_sees_the_playground_first(roots, monkeypatch):
 def test_complete_runs_open_on_overview_with_scores(roots, monkeypatch):
     at = app_for(roots["complete"], None, monkeypatch)
     assert not at.exception
-    table = next(d.value for d in at.dataframe if "run" in d.value.columns)  # the scores (the verdict is first)
+    table = next(
+        d.value for d in at.dataframe if "run" in d.value.columns
+    )  # the scores (the verdict is first)
     assert set(table["run"]) == {"grpo-s0", "grpo-s1", "dapo-s0", "dr_grpo-s0", "delta_l-s0", "delta_l-s1",
                                  "delta_l-a0.75-s0"}  # fmt: skip
     assert (table["state"] == "finished").all()
@@ -183,8 +185,22 @@ def test_build_compare_args_is_an_argument_list(monkeypatch):
         extra="--probe-every 5",
         prefix=["lab"],
     )
-    assert args == ["lab", "compare", "--out", "runs/x y", "--aggregators", "grpo,delta_l", "--steps", "20",
-                    "--seeds", "2", "--alpha", "0.75", "--probe-every", "5"]  # fmt: skip  (no model: the default)
+    assert args == [
+        "lab",
+        "compare",
+        "--out",
+        "runs/x y",
+        "--aggregators",
+        "grpo,delta_l",
+        "--steps",
+        "20",
+        "--seeds",
+        "2",
+        "--alpha",
+        "0.75",
+        "--probe-every",
+        "5",
+    ]  # fmt: skip  (no model: the default)
     args = launch.build_compare_args("o", ["dapo"], steps=1, seeds=1, model="tiny", prefix=[])
     assert args[-2:] == ["--model", "tiny"]
     monkeypatch.delenv(launch.PREFIX_ENV, raising=False)

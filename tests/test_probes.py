@@ -13,8 +13,11 @@ from peft import get_peft_model
 from lab.aggregation import estimator_stats, sequence_weights
 from lab.models import load_model_and_tokenizer, lora_config
 from lab.probes import (
+    AggregatorGradientHook,
+    aggregator_gradient_stats,
     bootstrap_cv,
     grad_variances,
+    linear_per_sample_gradients,
     make_probe_hook,
     per_sample_gradients,
     probe_statistics,
@@ -232,3 +235,98 @@ def test_hook_inside_delta_l_trainer(tmp_path):
     assert logged, (
         "probe/* metrics did not reach TRL's log"
     )  # slope/corr are NaN (skipped) if all L_i are equal
+
+
+# ---------------------------------------------------------------------------------------------------
+# one batched backward: per-row gradients of the linear layers, and the four aggregators' gradients
+# ---------------------------------------------------------------------------------------------------
+def batch_args(batch):
+    return tuple(batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"))
+
+
+def test_linear_per_sample_gradients_equal_the_row_loop_on_lora(lora_model, batch, scores):
+    """For a LoRA model every trainable parameter is an nn.Linear weight: the batched trick covers all of it."""
+    grads, covered = linear_per_sample_gradients(lora_model, *batch_args(batch))
+    assert covered == 1.0
+    # the same parameters, possibly in another order: compare Gram matrices and per-row norms
+    torch.testing.assert_close(grads.double() @ grads.double().T, scores.double() @ scores.double().T,
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert grads[LENGTHS.index(0)].abs().max() == 0  # an empty completion has no gradient
+
+
+def test_linear_per_sample_gradients_on_a_full_model_and_combined(batch):
+    from lab.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer("tiny")  # every weight trainable, tied LM head
+    grads, covered = linear_per_sample_gradients(model, *batch_args(batch), advantages=batch["advantages"])
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert 0 < covered < 1 and covered == pytest.approx(
+        sum(model.get_submodule(n).weight.numel() for n in linear)
+        / sum(p.numel() for p in model.parameters())
+    )
+    rows = per_sample_gradients(model, *batch_args(batch), advantages=batch["advantages"])
+    index = {name: p for name, p in model.named_parameters()}
+    offsets, start = {}, 0
+    for name, p in model.named_parameters():
+        offsets[name] = (start, start + p.numel())
+        start += p.numel()
+    ref = torch.cat([rows[:, slice(*offsets[f"{n}.weight"])] for n in linear], dim=1)
+    assert index  # (named_parameters order = module order for these layers)
+    torch.testing.assert_close(grads, ref, rtol=1e-4, atol=1e-5)
+    combine = torch.rand(3, len(LENGTHS), dtype=torch.float64)
+    combined, _ = linear_per_sample_gradients(
+        model, *batch_args(batch), advantages=batch["advantages"], combine=combine
+    )
+    torch.testing.assert_close(combined, combine.float() @ grads, rtol=1e-4, atol=1e-5)
+
+
+def test_aggregator_gradient_stats_see_the_batch_scope_collinearity(lora_model, batch):
+    from lab.aggregation import batch_weights
+
+    L = batch["completion_mask"].sum(1)
+    x = batch_weights(L, alpha=1.0, max_length=M)  # rows: grpo, dapo, dr_grpo, delta_l
+    grads, _ = linear_per_sample_gradients(
+        lora_model, *batch_args(batch), combine=x * batch["advantages"].double()
+    )
+    stats = aggregator_gradient_stats(grads)
+    assert stats["agg_grad/cos/grpo~delta_l"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["agg_grad/cos/dapo~dr_grpo"] == pytest.approx(1.0, abs=1e-5)
+    active = L[L > 0].double()
+    # M·mean(1/L) over the responses that have tokens (lab.aggregation: empty rows do not count in G)
+    expected = M * (1 / active).mean().item()
+    assert stats["agg_grad/norm_ratio/grpo~delta_l"] == pytest.approx(expected, rel=1e-4)
+    assert stats["agg_grad/cos/grpo~dapo"] < 0.9999
+    x_group = batch_weights(L, alpha=1.0, max_length=M, delta_l_group_size=4)
+    grads_group, _ = linear_per_sample_gradients(
+        lora_model, *batch_args(batch), combine=x_group * batch["advantages"].double()
+    )
+    assert (
+        aggregator_gradient_stats(grads_group)["agg_grad/cos/grpo~delta_l"] < 0.9999
+    )  # group scope breaks it
+
+
+def test_aggregator_gradient_hook_logs_every_step_in_a_real_trainer(tmp_path):
+    from datasets import Dataset
+
+    from lab.trainer import DeltaLGRPOConfig, DeltaLGRPOTrainer
+
+    model, tokenizer = load_model_and_tokenizer("tiny")
+    args = DeltaLGRPOConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=8, report_to=[], bf16=False, use_cpu=True, gradient_checkpointing=False,
+        logging_steps=1, save_strategy="no", seed=0,
+    )  # fmt: skip
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say {i}."}] for i in range(8)]})
+    trainer = DeltaLGRPOTrainer(
+        model=model, processing_class=tokenizer, args=args, train_dataset=data,
+        reward_funcs=lambda completions, **kw: [float(len(c[0]["content"]) % 3) for c in completions],
+    )  # fmt: skip
+    trainer.generation_hooks.append(AggregatorGradientHook(every=1))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "agg_grad/cos/grpo~delta_l" in h]
+    assert len(logged) == 2
+    for h in logged:
+        assert h["agg_grad/cos/grpo~delta_l"] == pytest.approx(1.0, abs=1e-4)
+        assert h["agg_grad/cos/dapo~dr_grpo"] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="every"):
+        AggregatorGradientHook(0)

@@ -79,6 +79,7 @@ def generation_batch(tmp_path_factory):
     for i, n in enumerate(LENGTHS):
         mask[i, :n] = 1
     batch["completion_mask"] = mask
+    batch["num_items_in_batch"] = mask.sum()  # DAPO's normalizer: the tokens of the whole generation batch
     batch["advantages"] = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.8, -0.3, 0.6, -1.2])
     batch.pop("delta_l_weights", None)
     return batch
@@ -87,7 +88,7 @@ def generation_batch(tmp_path_factory):
 def loss_and_grad(trainer, batch, splits=1):
     """Summed loss and flat gradient of one generation batch split into `splits` micro-batches."""
     batch = dict(batch)
-    if trainer.loss_type == "delta_l" or getattr(trainer.args, "loss_type", None) == "delta_l":
+    if isinstance(trainer, DeltaLGRPOTrainer):
         trainer.attach_delta_l_weights(batch)
     trainer.model.zero_grad(set_to_none=True)
     trainer.current_gradient_accumulation_steps = splits
@@ -120,6 +121,30 @@ def test_alpha_one_is_parallel_to_grpo(tmp_path, generation_batch):
     L = torch.tensor(LENGTHS, dtype=torch.float64)
     expected_ratio = 1 / (M * (1 / L).mean()).item()
     assert (grad_dl.norm() / grad_grpo.norm()).item() == pytest.approx(expected_ratio, rel=1e-4)
+
+
+@pytest.mark.parametrize(("a", "b"), [("grpo", "delta_l"), ("dapo", "dr_grpo")])
+def test_equalized_step_size_makes_each_collinear_pair_one_gradient(tmp_path, generation_batch, a, b):
+    """Batch scope: x(GRPO) = M·mean(1/L)·x(ΔL α=1) and x(DAPO) = (N·M/ΣL)·x(Dr. GRPO) on every row, so with the
+    per-batch scalar divided out (equalize_step_size) each pair takes exactly the same step."""
+    grads = {}
+    for loss_type in (a, b):
+        trainer = make_trainer(tmp_path, loss_type=loss_type, alpha=1.0, equalize_step_size=True)
+        _, grads[loss_type] = loss_and_grad(trainer, generation_batch)
+    torch.testing.assert_close(grads[a], grads[b], rtol=1e-4, atol=1e-8)
+    raw = make_trainer(tmp_path, loss_type=a, alpha=1.0)
+    _, grad_raw = loss_and_grad(raw, generation_batch)
+    L = torch.tensor(LENGTHS, dtype=torch.float64)
+    scale = {"grpo": M * (1 / L).mean(), "dapo": len(LENGTHS) * M / L.sum()}[a].item()
+    assert (grad_raw.norm() / grads[a].norm()).item() == pytest.approx(scale, rel=1e-4)
+    assert raw._metrics["train"]["aggregator/relative_scale"][-1] == pytest.approx(scale)
+
+
+def test_group_scope_breaks_the_collinearity(tmp_path, generation_batch):
+    _, grad_group = loss_and_grad(make_trainer(tmp_path, alpha=1.0, delta_l_scope="group"), generation_batch)
+    _, grad_grpo = loss_and_grad(make_trainer(tmp_path, loss_type="grpo"), generation_batch)
+    cosine = torch.nn.functional.cosine_similarity(grad_group, grad_grpo, dim=0).item()
+    assert cosine < 0.999  # per prompt, the weights no longer differ from GRPO's by one scalar
 
 
 @pytest.mark.parametrize("splits", [2, 4])
@@ -157,6 +182,7 @@ def test_other_loss_types_are_trl_unchanged(tmp_path, generation_batch):
         (dict(delta_l_alpha=-1.0), "-1.0"),
         (dict(delta_l_alpha=float("nan")), "nan"),
         (dict(delta_l_scope="prompt"), "'prompt'"),
+        (dict(loss_type="bnpo", equalize_step_size=True), "'bnpo'"),
     ],
 )
 def test_config_rejects_bad_values_at_build_time(tmp_path, overrides, match):
