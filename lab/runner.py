@@ -543,11 +543,13 @@ def comparison_plan(
         for agg in aggregators:
             c = dataclasses.replace(config, aggregator=agg, seed=seed, comparison=out.name).resolved()
             run_dir = out / c.run_id
-            status = read_json(run_dir / "status.json") or {}
-            if status.get("state") != "finished":
-                check_run_dir(run_dir, agg, resume=resume)
+            check_run_dir(run_dir, agg, resume=resume or _finished(run_dir))
             plan.append((c, run_dir))
     return plan
+
+
+def _finished(run_dir: Path) -> bool:
+    return (read_json(run_dir / "status.json") or {}).get("state") == "finished"
 
 
 def run_comparison(
@@ -572,7 +574,7 @@ def run_comparison(
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     todo = []
     for i, (c, run_dir) in enumerate(plan, start=1):
-        if (read_json(run_dir / "status.json") or {}).get("state") == "finished":
+        if _finished(run_dir):
             print(f"[{i}/{len(plan)}] {c.run_id}: already finished, skipped", flush=True)
         else:
             todo.append((i, c, run_dir))

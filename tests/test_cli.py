@@ -84,8 +84,118 @@ def test_bad_arguments_are_named(argv, match, capsys):
 
 
 def test_bad_values_give_a_clear_error(tmp_path, capsys):
-    assert main(["train", "--alpha", "-1", "--out", str(tmp_path), *FAST]) == 2
-    assert "-1" in capsys.readouterr().err
+    out = tmp_path / "new"
+    assert main(["train", "--alpha", "-1", "--out", str(out), *FAST]) == 2
+    captured = capsys.readouterr()
+    assert "-1" in captured.err and "[1/1]" not in captured.out  # refused before the run banner
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--length-range", "5,3"], "min_digits=5"),
+        (["--length-range", "0,3"], "min_digits"),
+        (["--task", "countdown", "--length-range", "2,5"], "'digitsum' task only"),
+        (["--task", "digitsum", "--model", "tiny"], "'digitsum-tiny' model"),
+        (["--model", "digitsum-tiny", "--task", "countdown"], "'digitsum-tiny' model"),
+        (["--preset", "fast", "--learning-rate", "-1"], "learning_rate"),
+        (["--prompts-per-step", "3", "--micro-batch-size", "5"], "micro_batch_size=5"),
+    ],
+)
+def test_bad_run_settings_are_refused_before_anything_is_created(tmp_path, capsys, argv, match):
+    out = tmp_path / "new"
+    assert main(["compare", *argv, "--out", str(out)]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    assert main(["train", "--out", str(target), *FAST]) == 2
+    assert f"{target} exists and is not a directory" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
+def test_a_model_that_cannot_load_leaves_no_run_dir(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "runs"
+    assert (
+        main(["train", "--model", "no-such-org/no-such-model", "--task", "countdown", "--out", str(out)]) == 2
+    )
+    assert "no-such-org/no-such-model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sigterm_means_ctrl_c(monkeypatch):
+    """lab train/compare handle SIGTERM (a process manager's or the Launch tab's stop) as Ctrl-C."""
+    import lab.runner
+
+    def fake_comparison(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(lab.runner, "run_comparison", fake_comparison)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["train", "--out", "unused", *FAST]) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+FAST_TASK = ["--steps", "3", "--save-every", "2"]  # the default preset (digitsum task, small model)
+
+
+@pytest.mark.slow
+def test_default_compare_trains_seeds_in_parallel_and_writes_a_verdict(tmp_path):
+    result = lab("compare", "--seeds", "2", "--probe-every", "2", "--out", str(tmp_path), *FAST_TASK)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert runs == sorted(f"{a}-s{s}" for a in ("grpo", "dapo", "dr_grpo", "delta_l") for s in (0, 1))
+    verdict = read_json(tmp_path / "verdict.json")
+    assert verdict["seeds"] == 2 and verdict["workers"] == 2 and len(verdict["pairs"]) == 12
+    pair = verdict["pairs"][0]
+    assert set(pair) >= {"a", "b", "metric", "mean_diff", "ci", "distinguishable"}
+    assert pair["metric"] in ("final_reward", "auc") and len(pair["ci"]) == 2
+    assert "Verdict over 2 seed(s)" in result.stdout
+    reader = RunReader(tmp_path / "delta_l-s1")
+    reader.poll()
+    assert reader.config["preset"] == "fast" and reader.config["task"] == "digitsum"
+    first = reader.metrics[0]
+    assert first["agg_grad/cos/grpo~delta_l"] == pytest.approx(1.0, abs=1e-4)  # batch scope: one direction
+    assert first["agg_grad/cos/dapo~dr_grpo"] == pytest.approx(1.0, abs=1e-4)
+    assert [p["step"] for p in reader.probes] == [1, 3] and reader.probes[0]["param_fraction"] > 0.95
+    # the same prompts and first samples for every aggregator of a seed
+    lengths = set()
+    for agg in ("grpo", "dapo", "dr_grpo", "delta_l"):
+        r = RunReader(tmp_path / f"{agg}-s1")
+        r.poll()
+        lengths.add(tuple(r.samples[0]["lengths"]))
+    assert len(lengths) == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_parallel_workers_cleanly_and_resume_completes(tmp_path):
+    args = [sys.executable, "-m", "lab.cli", "compare", "--aggregators", "grpo,delta_l", "--seeds", "2",
+            "--steps", "40", "--save-every", "100", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        wait_for_steps(tmp_path / "grpo-s0", 2, proc)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        assert proc.wait(timeout=300) == 130, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    states = {p.name: read_json(p / "status.json")["state"] for p in tmp_path.iterdir() if p.is_dir()}
+    assert "interrupted" in states.values() and "running" not in states.values()
+    assert not (tmp_path / "verdict.json").exists()
+    result = lab(*args[3:], "--resume", "--steps", "40")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("grpo-s0", "grpo-s1", "delta_l-s0", "delta_l-s1"):
+        assert steps_of(tmp_path / name) == list(range(1, 41)), name
+    assert read_json(tmp_path / "verdict.json")["seeds"] == 2
 
 
 class Exec(Exception):
@@ -185,8 +295,9 @@ def test_compare_runs_every_aggregator_and_seed(tmp_path):
         *FAST,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted(p.name for p in tmp_path.iterdir())
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert runs == ["delta_l-s0", "delta_l-s1", "grpo-s0", "grpo-s1"]
+    assert read_json(tmp_path / "verdict.json")["seeds"] == 2
     # a fair A/B: the same prompts for every aggregator of a seed
     prompts = {r: read_json(tmp_path / r / "config.json")["run"]["seed"] for r in runs}
     assert prompts == {"delta_l-s0": 0, "delta_l-s1": 1, "grpo-s0": 0, "grpo-s1": 1}
