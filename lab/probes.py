@@ -28,6 +28,7 @@ code branches on tensor values: "vmap: ... data-dependent control flow"), hence 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -635,35 +636,41 @@ def aggregator_gradient_stats(grads: torch.Tensor, methods: Sequence[str] = METH
 
 
 class AggregatorGradientHook:
-    r"""``hook(trainer, output)``: every ``every`` steps, the gradient each of the four aggregators would take
-    on this generation batch, compared pairwise (:func:`aggregator_gradient_stats`) and logged as metrics.
+    r"""The gradient each of the four aggregators would take on a step's batch, compared pairwise and logged.
 
     The gradients are :math:`\hat g_m = \sum_i x_{m,i} A_i s_i` with the weights of
-    :func:`lab.aggregation.batch_weights` (TRL's batch normalization; ΔL with the run's α and scope) and
-    :math:`s_i` the per-row score function of the trainable linear layers
-    (:func:`linear_per_sample_gradients` with ``combine``: one forward and one backward of the batch). On
-    policy, before the step, this is exactly the gradient of each loss type's clipped surrogate.
+    :func:`lab.aggregation.batch_weights` (TRL's batch normalization; ΔL with the run's α and scope),
+    restricted to the trainable weights of ``nn.Linear`` layers (:func:`linear_per_sample_gradients`).
+
+    It costs no extra forward or backward pass: it listens to the training step's own backward. On policy
+    (one optimizer step per generation batch, ratio 1, so no clipping), the run's loss gives row i the output
+    gradients :math:`\delta_{i,t} = -x_{\text{run},i} A_i\,\partial_h \log\pi`; dividing by the run's own
+    weight and multiplying by each aggregator's, :math:`r_{m,i} = x_{m,i}/x_{\text{run},i}`, turns them into every
+    aggregator's (the common minus sign changes no cosine or ratio). So the trainer calls
+    :meth:`on_generation` (a generation hook: stores :math:`r` with the batch, which TRL shuffles and splits),
+    :meth:`capture` around each micro-batch's forward, and :meth:`after_backward` after each backward; when
+    all rows of the batch are in, :func:`aggregator_gradient_stats` goes to the step's metrics.
+
+    Not with gradient checkpointing (the recomputed forward would be captured twice) nor with several
+    processes (each holds a slice of the batch); the trainer switches it off there with a warning.
     """
+
+    KEY = "aggregator_ratios"
 
     def __init__(self, every: int = 1):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         self.every = every
+        self._rows_expected = 0
+        self._rows_done = 0
+        self._rows_in_flight = 0  # rows whose forward was captured, backward not yet folded in
+        self._sums: dict[str, torch.Tensor] = {}
+        self.last: dict[str, float] | None = None  # the stats of the last completed step
 
-    def __call__(self, trainer: Any, output: dict[str, Any]) -> dict[str, float] | None:
-        step = int(trainer.state.global_step)
-        accelerator = getattr(trainer, "accelerator", None)
-        if step % self.every or (accelerator is not None and accelerator.num_processes > 1):
-            return None  # (several processes: each holds a slice of the batch; not supported here)
-        stats = self.measure(trainer, output)
-        metrics = trainer._metrics["train"]
-        for name, value in stats.items():
-            if math.isfinite(value):
-                metrics[name].append(value)
-        return stats
-
-    @staticmethod
-    def measure(trainer: Any, output: dict[str, Any]) -> dict[str, float]:
+    def on_generation(self, trainer: Any, output: dict[str, Any]) -> None:
+        """Generation hook: the ratios :math:`r_{m,i}` of this batch, one row per completion."""
+        if int(trainer.state.global_step) % self.every:
+            return
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
@@ -678,9 +685,73 @@ class AggregatorGradientHook:
             if getattr(args, "delta_l_scope", "batch") == "group"
             else None,
         )
-        advantages = output["advantages"].detach().cpu().reshape(lengths.shape[0], -1)[:, 0].double()
-        grads, _ = linear_per_sample_gradients(
-            trainer.model, output["prompt_ids"], output["prompt_mask"], output["completion_ids"], mask,
-            temperature=float(getattr(trainer, "temperature", 1.0)), combine=x * advantages,
-        )  # fmt: skip
-        return aggregator_gradient_stats(grads)
+        x_run = x[list(METHODS).index(trainer.loss_type)]
+        if "step_scale" in output:  # equalize_step_size multiplies the run's loss by c
+            x_run = x_run * output["step_scale"].detach().cpu().double()
+        ratios = torch.where(x_run > 0, x / x_run.clamp(min=1e-300), torch.zeros_like(x)).T  # (N, 4)
+        output[self.KEY] = ratios.to(torch.float32)
+        self._rows_expected, self._rows_done, self._sums = int(lengths.shape[0]), 0, {}
+
+    @contextlib.contextmanager
+    def capture(self, model: torch.nn.Module, inputs: dict[str, Any]):
+        """Around one micro-batch's loss forward: hooks that fold each row's gradient into the four sums."""
+        ratios = inputs.get(self.KEY)
+        if ratios is None:
+            yield
+            return
+        ratios = ratios.float()
+        self._rows_in_flight += int(ratios.shape[0])
+        handles = []
+        shared = _shared_weights(model)
+        for name, module in model.named_modules():
+            if (
+                isinstance(module, torch.nn.Linear)
+                and module.weight.requires_grad
+                and id(module.weight) not in shared
+            ):
+                handles.append(module.register_forward_hook(self._forward_hook(name, ratios)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _forward_hook(self, name: str, ratios: torch.Tensor):
+        def hook(module, args, output):
+            x = args[0].detach()
+            if x.shape[0] != ratios.shape[0]:
+                return  # a forward in chunks smaller than the micro-batch: rows cannot be matched, skip
+
+            def on_grad(delta: torch.Tensor) -> None:
+                d = delta.float()
+                # $\sum_i r_{m,i}\,\delta_{i,t}^\top x_{i,t}$ for the four aggregators m at once
+                weighted = (ratios.T.to(d)[:, :, None, None] * d).flatten(1, 2)  # (4, B·T, out)
+                grad = weighted.transpose(1, 2) @ x.float().flatten(0, 1)  # (4, out, in)
+                flat = grad.reshape(grad.shape[0], -1)
+                if module.bias is not None and module.bias.requires_grad:
+                    flat = torch.cat([flat, ratios.T.to(d) @ d.sum(1)], dim=1)
+                self._sums[name] = self._sums[name] + flat if name in self._sums else flat
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def after_backward(self, trainer: Any) -> dict[str, float] | None:
+        """After a micro-batch's backward: when the whole batch is in, log the pairwise stats."""
+        rows, self._rows_in_flight = self._rows_in_flight, 0
+        if not self._rows_expected:
+            return None
+        self._rows_done += rows
+        if self._rows_done < self._rows_expected:
+            return None
+        grads = torch.cat([self._sums[k] for k in sorted(self._sums)], dim=1) if self._sums else None
+        self._rows_expected, self._sums = 0, {}
+        if grads is None:
+            return None
+        stats = aggregator_gradient_stats(grads)
+        metrics = trainer._metrics["train"]
+        for name, value in stats.items():
+            if math.isfinite(value):
+                metrics[name].append(value)
+        self.last = stats
+        return stats

@@ -130,7 +130,13 @@ def read_json(path: str | Path) -> dict | None:
     """A JSON object from ``path``, or None if it is missing or not (yet) valid."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+    except (
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+    ):
         return None
     return data if isinstance(data, dict) else None
 

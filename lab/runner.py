@@ -395,7 +395,7 @@ def check_run_dir(run_dir: Path, aggregator: str, *, resume: bool) -> None:
 
 
 def _attach_probes(c: RunConfig, trainer, callback: RunLogCallback) -> None:
-    from lab.probes import AggregatorGradientHook, make_probe_hook
+    from lab.probes import make_probe_hook
 
     small = c.preset == "fast"  # the small model: one batched backward gives every row's gradient
     if c.probe_every:
@@ -406,7 +406,7 @@ def _attach_probes(c: RunConfig, trainer, callback: RunLogCallback) -> None:
         trainer.generation_hooks.append(hook)
         callback.probe_hooks.append(hook)
     if c.compare_gradients_every:
-        trainer.generation_hooks.append(AggregatorGradientHook(c.compare_gradients_every))
+        trainer.compare_aggregator_gradients(c.compare_gradients_every)
 
 
 def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> Path:
@@ -639,6 +639,12 @@ def _run_parallel(todo: list[tuple[int, RunConfig, Path]], total: int, *, worker
 
 def _worker_init() -> None:
     import signal
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, once per run otherwise
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars of every checkpoint, interleaved
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an idle worker ignores Ctrl-C/SIGTERM; a running one
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # saves its run (see _worker_run)

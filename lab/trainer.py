@@ -34,6 +34,7 @@ Every step logs ``aggregator/relative_scale`` (:math:`M\sum_i x_i` of this run's
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,27 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         self.log_completion_texts = False  # set True to keep the completion texts in generation_records
         # Callables hook(trainer, generation_batch) run after each generation (e.g. lab.probes' gradient probe).
         self.generation_hooks: list[Callable[[DeltaLGRPOTrainer, dict[str, Any]], None]] = []
+        self.gradient_comparison = (
+            None  # a lab.probes.AggregatorGradientHook: see compare_aggregator_gradients
+        )
+
+    def compare_aggregator_gradients(self, every: int = 1) -> None:
+        """Log, every ``every`` steps, the cosine and norm ratio of the four aggregators' gradients on the
+        step's batch, read off the training backward itself (:class:`lab.probes.AggregatorGradientHook`)."""
+        from lab.probes import AggregatorGradientHook
+
+        if self.args.gradient_checkpointing or self.accelerator.num_processes > 1:
+            warnings.warn(
+                "aggregator gradient comparison is off: it needs one process and no gradient checkpointing",
+                stacklevel=2,
+            )
+            return
+        if self.loss_type not in SCALED_LOSS_TYPES:
+            raise ValueError(
+                f"the gradient comparison needs loss_type in {SCALED_LOSS_TYPES}, got {self.loss_type!r}"
+            )
+        self.gradient_comparison = AggregatorGradientHook(every)
+        self.generation_hooks.append(self.gradient_comparison.on_generation)
 
     # -- 1. weights, once per generation batch --------------------------------------------------------
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -179,7 +201,19 @@ class DeltaLGRPOTrainer(GRPOTrainer):
             metrics["aggregator/step_scale"].append(step_scale)
 
     # -- 2. loss: TRL's dr_grpo normalizer on weighted advantages ------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.gradient_comparison is not None:  # the backward is done: fold this micro-batch in
+            self.gradient_comparison.after_backward(self)
+        return loss
+
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        if self.gradient_comparison is not None:
+            with self.gradient_comparison.capture(model, inputs):
+                return self._weighted_loss(model, inputs)
+        return self._weighted_loss(model, inputs)
+
+    def _weighted_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         advantages = inputs["advantages"]
         for key in ("delta_l_weights", "step_scale"):  # per-row multipliers, > 0: exact for the clipped loss
             if key in inputs:

@@ -305,28 +305,51 @@ def test_aggregator_gradient_stats_see_the_batch_scope_collinearity(lora_model, 
     )  # group scope breaks it
 
 
-def test_aggregator_gradient_hook_logs_every_step_in_a_real_trainer(tmp_path):
+def test_gradient_comparison_read_off_the_training_backward_is_exact(tmp_path):
+    """The trainer's comparison (no extra pass) equals an explicit batched computation on the same batch."""
     from datasets import Dataset
 
+    from lab.aggregation import batch_weights
     from lab.trainer import DeltaLGRPOConfig, DeltaLGRPOTrainer
 
     model, tokenizer = load_model_and_tokenizer("tiny")
     args = DeltaLGRPOConfig(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=8, report_to=[], bf16=False, use_cpu=True, gradient_checkpointing=False,
-        logging_steps=1, save_strategy="no", seed=0,
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        steps_per_generation=2, num_generations=4, max_completion_length=8, report_to=[], bf16=False,
+        use_cpu=True, gradient_checkpointing=False, logging_steps=1, save_strategy="no", seed=0,
+        learning_rate=1e-12,  # the weights barely move, so step 1's batch can be recomputed after training
     )  # fmt: skip
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say {i}."}] for i in range(8)]})
     trainer = DeltaLGRPOTrainer(
         model=model, processing_class=tokenizer, args=args, train_dataset=data,
         reward_funcs=lambda completions, **kw: [float(len(c[0]["content"]) % 3) for c in completions],
     )  # fmt: skip
-    trainer.generation_hooks.append(AggregatorGradientHook(every=1))
+    trainer.compare_aggregator_gradients(every=1)
+    batches, stats = [], []
+    trainer.generation_hooks.append(lambda t, out: batches.append({k: v for k, v in out.items()}))
+    original = trainer.gradient_comparison.after_backward
+    trainer.gradient_comparison.after_backward = lambda t: stats.append(original(t))
     trainer.train()
     logged = [h for h in trainer.state.log_history if "agg_grad/cos/grpo~delta_l" in h]
-    assert len(logged) == 2
+    assert len(logged) == 2  # every step, over two micro-batches each
+    done = [s for s in stats if s is not None]
+    assert len(done) == 2
     for h in logged:
         assert h["agg_grad/cos/grpo~delta_l"] == pytest.approx(1.0, abs=1e-4)
         assert h["agg_grad/cos/dapo~dr_grpo"] == pytest.approx(1.0, abs=1e-4)
+    batch = batches[0]
+    L = batch["completion_mask"].sum(1)
+    x = batch_weights(L, alpha=1.0, max_length=8)
+    explicit, _ = linear_per_sample_gradients(
+        trainer.model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"],
+        combine=x * batch["advantages"].double(),
+    )  # fmt: skip
+    expected = aggregator_gradient_stats(explicit)
+    for key in (
+        "agg_grad/cos/grpo~dapo",
+        "agg_grad/norm_ratio/grpo~dapo",
+        "agg_grad/norm_ratio/dr_grpo~delta_l",
+    ):
+        assert done[0][key] == pytest.approx(expected[key], rel=1e-3, abs=1e-5), key
     with pytest.raises(ValueError, match="every"):
         AggregatorGradientHook(0)
