@@ -12,7 +12,9 @@ What it measures
     - peak resident memory of the largest process of the job (``resource.getrusage(RUSAGE_CHILDREN)``: the
       workers are children of ``lab compare``, which waits for them);
     - the load average before and after (``os.getloadavg``), since the machine may be shared;
-    - the verdict ``lab compare`` wrote (``verdict.json``), pair by pair.
+    - the verdict ``lab compare`` wrote (``verdict.json``), pair by pair;
+    - each run's per-step curves of the keys in :data:`CURVE_KEYS` (``curves``), so the README's comparison
+      figure can be redrawn from this file alone (``scripts/render_docs.py``).
 
 Usage::
 
@@ -40,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from lab.runlog import RunReader, list_runs, read_verdict
 
 TARGET_S = 10 * 60
+CURVE_KEYS = ("reward", "completions/mean_length", "agg_grad/cos/grpo~delta_l", "agg_grad/cos/grpo~dapo",
+              "agg_grad/norm_ratio/grpo~delta_l", "agg_grad/norm_ratio/dapo~dr_grpo")  # fmt: skip
 QUICK_ARGS = ["--steps", "3", "--seeds", "2"]
 
 
@@ -60,8 +64,11 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     reader = RunReader(run_dir)
     reader.poll()
     steps = [m for m in reader.metrics if isinstance(m.get("step_time"), (int, float))]
+    config = reader.config
     return {
         "run": run_dir.name,
+        "label": config.get("label"),
+        "seed": config.get("seed"),
         "state": reader.status.get("state"),
         "steps": len(steps),
         "median_step_s": statistics.median(m["step_time"] for m in steps) if steps else None,

@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         defaults = run_defaults(config)
         seeds = list(range(args.seed, args.seed + (args.seeds or defaults["seeds"])))
         workers = args.workers or defaults["workers"]
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            workers = 1  # under accelerate/torchrun every process is already one rank of the same run
         run_comparison(
             config, aggregators=aggregators, seeds=seeds, out=args.out, resume=args.resume, workers=workers
         )

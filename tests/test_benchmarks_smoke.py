@@ -59,3 +59,24 @@ def test_qwen_throughput_defaults_follow_the_device():
     assert (quick.gen_batch, quick.new_tokens, quick.grad_checkpointing) == (2, 16, False)
     gpu = qwen.parse_args(["--device", "cuda", "--size", "1.5b"])
     assert (gpu.gen_batch, gpu.new_tokens, gpu.grad_checkpointing) == (64, 512, True)
+
+
+def test_fast_compare_summarizes_a_run_dir_with_its_curves(tmp_path):
+    fast = load("fast_compare")
+    writer = RunWriter(tmp_path / "grpo-s1")
+    writer.write_config({"aggregator": "grpo", "label": "grpo", "seed": 1})
+    for step in (1, 2, 3):
+        writer.log_metrics({"step": step, "step_time": 0.1 * step, "reward": step / 4,
+                            "agg_grad/cos/grpo~delta_l": 1.0, "probe/seconds": 0.5})  # fmt: skip
+    writer.set_status("finished", 3, 3)
+    s = fast.run_summary(tmp_path / "grpo-s1")
+    assert (s["label"], s["seed"], s["steps"], s["state"]) == ("grpo", 1, 3, "finished")
+    assert s["median_step_s"] == pytest.approx(0.2) and s["probe_seconds"] == [0.5] * 3
+    assert (
+        s["curves"]["reward"] == [[1, 0.25], [2, 0.5], [3, 0.75]]
+        and s["curves"]["completions/mean_length"] == []
+    )
+    args, extra = fast.parse_args(["--quick", "--", "--optimizer", "sgd"])
+    assert extra == [*fast.QUICK_ARGS, "--optimizer", "sgd"]
+    with pytest.raises(SystemExit):
+        fast.parse_args(["--", "--out", "elsewhere"])
