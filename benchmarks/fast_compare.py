@@ -78,6 +78,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "probe_seconds": [
             m["probe/seconds"] for m in steps if isinstance(m.get("probe/seconds"), (int, float))
         ],
+        "curves": {key: [[m["step"], m[key]] for m in steps if m.get(key) is not None] for key in CURVE_KEYS},
     }
 
 
