@@ -76,7 +76,7 @@ def test_fast_compare_summarizes_a_run_dir_with_its_curves(tmp_path):
         s["curves"]["reward"] == [[1, 0.25], [2, 0.5], [3, 0.75]]
         and s["curves"]["completions/mean_length"] == []
     )
-    args, extra = fast.parse_args(["--quick", "--", "--optimizer", "sgd"])
+    _, extra = fast.parse_args(["--quick", "--", "--optimizer", "sgd"])
     assert extra == [*fast.QUICK_ARGS, "--optimizer", "sgd"]
     with pytest.raises(SystemExit):
         fast.parse_args(["--", "--out", "elsewhere"])

@@ -23,6 +23,7 @@ from tests.fixtures_runs import (
     FIXTURE_KINDS,
     SyntheticRun,
     append_step,
+    make_complete,
     make_half_written,
     no_fsync,
     write_run,
@@ -541,3 +542,45 @@ def test_stale_running_run_gets_a_warning(tmp_path):
     run = RunData(run_dir)
     run.refresh()
     assert any("has not changed for" in w for w in run.warnings())
+
+
+def test_overview_shows_the_verdict_computed_live_then_the_stored_one(tmp_path, monkeypatch):
+    """Without verdict.json the Overview computes the verdict from the runs and says it is provisional; once
+    lab compare wrote one, that file is shown (through lab.runlog), above the curves."""
+    from lab.runner import write_verdict
+    from lab.verdict import compare_runs
+
+    with no_fsync():
+        root = make_complete(tmp_path / "runs")
+    at = app_for(root, "Overview", monkeypatch)
+    assert not at.exception
+    assert at.subheader[0].value == "Verdict"
+    table = at.dataframe[0].value
+    assert set(table.columns) >= {"a", "b", "metric", "mean a − b", "95% bootstrap CI", "verdict"}
+    assert any("provisional" in c.value for c in at.caption)
+    comparison = root / "demo"
+    verdict = compare_runs([p for p in comparison.iterdir() if p.is_dir()])
+    verdict["pairs"][0]["distinguishable"] = True  # a marker only the stored file has
+    write_verdict(comparison, verdict)
+    at = app_for(root, "Overview", monkeypatch)
+    assert any("verdict.json" in c.value for c in at.caption)
+    assert at.dataframe[0].value["verdict"].iloc[0] == "distinguishable"
+
+
+def test_gradient_pair_figures_read_the_logged_comparison(complete_runs, tmp_path):
+    run = complete_runs[0]
+    assert noise.gradient_cosine_figure(
+        run
+    ).layout.annotations  # no agg_grad/* in the fixtures: a placeholder
+    with no_fsync():
+        writer = RunWriter(tmp_path / "delta_l-s0")
+        writer.write_config({"label": "delta_l", "seed": 0, "aggregator": "delta_l"})
+        for step in (1, 2, 3):
+            writer.log_metrics({"step": step, "agg_grad/cos/grpo~delta_l": 1.0, "agg_grad/cos/grpo~dapo": 0.9,
+                                "agg_grad/norm_ratio/grpo~delta_l": 3.0 + step})  # fmt: skip
+        writer.set_status("finished", 3, 3)
+    store = RunStore()
+    logged = store.load([(".", tmp_path / "delta_l-s0")])[0]
+    fig = noise.gradient_cosine_figure(logged)
+    assert [t.name for t in fig.data] == ["GRPO vs ΔL", "GRPO vs DAPO"] and list(fig.data[0].y) == [1.0] * 3
+    assert list(noise.gradient_norm_ratio_figure(logged).data[0].y) == [4.0, 5.0, 6.0]
