@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lab.aggregation import delta_l_row_weights
 from lab.cli import build_parser, main
@@ -384,3 +385,33 @@ def test_math_task_trains_end_to_end(tmp_path):
     reader.poll()
     assert reader.config["task"] == "math" and [m["step"] for m in reader.metrics] == [1]
     assert "rewards/math_reward/mean" in reader.metrics[0]
+
+
+@pytest.mark.slow
+def test_knobs_reach_the_trainer(tmp_path):
+    """Every knob of the fast task, end to end through lab train: optimizer, lr, α, scope, length range, equalize."""
+    result = lab("train", "--aggregator", "grpo", "--optimizer", "sgd", "--learning-rate", "0.05",
+                 "--equalize-step-size", "--length-range", "3,5", "--steps", "2", "--max-grad-norm", "0",
+                 "--out", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    reader = RunReader(tmp_path / "grpo-s0")
+    reader.poll()
+    run = reader.config["run"]
+    assert (run["optimizer"], run["learning_rate"], run["max_grad_norm"]) == ("sgd", 0.05, 0.0)
+    assert run["task_options"] == {"min_digits": 3, "max_digits": 5} and run["max_completion_length"] == 18
+    first = reader.metrics[0]
+    assert first["aggregator/step_scale"] == pytest.approx(1 / first["aggregator/relative_scale"])
+    assert max(max(s["lengths"]) for s in reader.samples) <= 18
+    checkpoint = next((tmp_path / "grpo-s0" / "checkpoints").glob("checkpoint-*"))
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    assert "momentum_buffer" in str(optimizer["state"]) or not optimizer["state"]  # SGD keeps no Adam moments
+    assert "exp_avg" not in str(optimizer["state"])
+    result = lab("train", "--aggregator", "delta_l", "--alpha", "0.5", "--delta-l-scope", "group", "--steps", "1",
+                 "--out", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    reader = RunReader(tmp_path / "delta_l-a0.5-s0")
+    reader.poll()
+    sample = reader.samples[0]
+    expected = delta_l_row_weights(sample["lengths"], alpha=0.5, max_length=32, group_size=8).tolist()
+    assert sample["weights"] == pytest.approx(expected, rel=1e-6)
+    assert reader.metrics[0]["agg_grad/cos/grpo~delta_l"] < 0.9999  # group scope: another direction than GRPO
