@@ -69,7 +69,8 @@ def probe_cvs(run: RunData) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def valid_probes(run: RunData) -> list[dict]:
-    """Probe records with matching ``lengths`` and ``grad_variances`` lists (at least 2 points)."""
+    """Probe records with matching ``lengths`` and ``grad_variances`` lists (at least 2 points; null
+    entries, rows the probe could not estimate, are dropped when plotted)."""
     good = []
     for probe in run.probes:
         lengths, variances = probe.get("lengths"), probe.get("grad_variances")
@@ -97,12 +98,23 @@ def fit_line(lengths: np.ndarray, variances: np.ndarray, probe: dict) -> tuple[f
 
 
 def variance_scatter(run: RunData, probe: dict) -> go.Figure:
-    """Var(g_i) = ‖g_i − ḡ‖² against L_i at one probe, with the fitted line Var = a·L + b."""
+    """The probe's unbiased per-row estimates of tr Var(g_i) (:func:`lab.probes.grad_variances`) against
+    L_i at one probe, with the fitted line Var = a + b·L."""
     L = np.asarray(probe["lengths"], dtype=float)
-    var = np.asarray(probe["grad_variances"], dtype=float)
+    var = np.asarray([np.nan if v is None else v for v in probe["grad_variances"]], dtype=float)
+    finite = np.isfinite(L) & np.isfinite(var)
+    L, var = L[finite], var[finite]
+    if L.size < 2:
+        return placeholder(
+            f"{run.run_id}, step {probe.get('step')}", "Fewer than 2 rows with a variance estimate."
+        )
     slope, intercept, corr = fit_line(L, var, probe)
-    title = f"{run.run_id}, step {probe.get('step')}: Var(g_i) vs L_i  (r = {corr:.2f}, slope = {slope:.3g})"
-    fig = new_figure(title, "L_i (tokens)", "Var(g_i) = ‖g_i − ḡ‖²")
+    exponent = probe.get("exponent")
+    k = f", k = {exponent:.2f}" if isinstance(exponent, (int, float)) and np.isfinite(exponent) else ""
+    title = (
+        f"{run.run_id}, step {probe.get('step')}: Var(g_i) vs L_i  (r = {corr:.2f}, slope = {slope:.3g}{k})"
+    )
+    fig = new_figure(title, "L_i (tokens)", "unbiased estimate of tr Var(g_i)")
     fig.add_trace(
         go.Scatter(
             x=L, y=var, mode="markers", name="completions", marker={"color": color_for(run.label), "size": 8}
