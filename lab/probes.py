@@ -389,8 +389,8 @@ def variance_length_fit(lengths: torch.Tensor, variances: torch.Tensor) -> dict[
     - ``slope``, ``intercept``, ``correlation``: least squares :math:`\hat t_i \approx a + b L_i`
       (unbiased for :math:`a, b` when :math:`E[\hat t_i] = a + b L_i`, since it is linear in :math:`\hat t`);
     - ``exponent``: :math:`k` of :math:`E[\hat t_i] = c L_i^k` (:func:`power_law_exponent`: least squares on
-      the original scale, all rows, negative estimates included). :math:`k = 1` is the paper's assumption, :math:`k = 2` what fully correlated
-      token terms give;
+      the original scale, all rows, negative estimates included) and ``power_law_scale`` :math:`c`.
+      :math:`k = 1` is the paper's assumption, :math:`k = 2` what fully correlated token terms give;
     - ``log_correlation``: Pearson's correlation of :math:`\log \hat t_i` and :math:`\log L_i` over the
       rows with :math:`\hat t_i > 0` (descriptive only);
     - ``n``, ``n_nonpositive``: rows used, and how many of them have :math:`\hat t_i \le 0`.
@@ -402,11 +402,17 @@ def variance_length_fit(lengths: torch.Tensor, variances: torch.Tensor) -> dict[
     slope, intercept, corr = least_squares(L, v)
     pos = v > 0
     log_corr = least_squares(L[pos].log(), v[pos].log())[2] if int(pos.sum()) >= 2 else math.nan
+    exponent = power_law_exponent(L, v)
+    # $c = \sum_i \hat t_i L_i^k / \sum_i L_i^{2k}$, the least-squares scale at that exponent
+    scale = (
+        float((v * L**exponent).sum() / (L ** (2 * exponent)).sum()) if math.isfinite(exponent) else math.nan
+    )
     return {
         "slope": slope,
         "intercept": intercept,
         "correlation": corr,
-        "exponent": power_law_exponent(L, v),
+        "exponent": exponent,
+        "power_law_scale": scale,
         "log_correlation": log_corr,
         "n": int(keep.sum()),
         "n_nonpositive": int((~pos).sum()),

@@ -114,17 +114,53 @@ def variance_scatter(run: RunData, probe: dict) -> go.Figure:
     title = (
         f"{run.run_id}, step {probe.get('step')}: Var(g_i) vs L_i  (r = {corr:.2f}, slope = {slope:.3g}{k})"
     )
-    fig = new_figure(title, "L_i (tokens)", "unbiased estimate of tr Var(g_i)")
+    return variance_fit_figure(
+        L, var, slope=slope, intercept=intercept, title=title, color=color_for(run.label)
+    )
+
+
+def variance_fit_figure(
+    lengths: Sequence[float] | np.ndarray,
+    variances: Sequence[float] | np.ndarray,
+    *,
+    slope: float,
+    intercept: float,
+    title: str,
+    exponent: float | None = None,
+    scale: float | None = None,
+    labels: Sequence[str] | None = None,
+    color: str | None = None,
+    yaxis: str = "unbiased estimate of tr Var(g_i)",
+) -> go.Figure:
+    """Per-row variance estimates against L_i (one marker colour per label, e.g. per prompt kind), the
+    fitted line a + b·L and, when ``exponent`` and ``scale`` are given, the power law c·L^k.
+
+    Used by the dashboard's probe view, notebook 01 and ``scripts/render_docs.py`` (the stored
+    measurement of ``benchmarks/variance_vs_length.py``)."""
+    L = np.asarray(lengths, dtype=float)
+    var = np.asarray(variances, dtype=float)
+    fig = new_figure(title, "L_i (tokens)", yaxis)
+    groups = list(labels) if labels is not None else ["completions"] * L.size
+    for label in dict.fromkeys(groups):
+        rows = np.array([g == label for g in groups])
+        marker = {"size": 8, "opacity": 0.8}
+        if color is not None and labels is None:
+            marker["color"] = color
+        fig.add_trace(go.Scatter(x=L[rows], y=var[rows], mode="markers", name=str(label), marker=marker))
+    xs = np.linspace(L.min(), L.max(), 60)
     fig.add_trace(
         go.Scatter(
-            x=L, y=var, mode="markers", name="completions", marker={"color": color_for(run.label), "size": 8}
+            x=xs, y=slope * xs + intercept, mode="lines", name=f"fit a + b·L (b = {slope:.3g})",
+            line={"color": "black", "dash": "dash"},
         )
-    )
-    xs = np.array([L.min(), L.max()])
-    fig.add_trace(
-        go.Scatter(
-            x=xs, y=slope * xs + intercept, mode="lines", name="fit", line={"color": "black", "dash": "dash"}
-        )
-    )
+    )  # fmt: skip
+    if exponent is not None and scale is not None and np.isfinite(exponent) and np.isfinite(scale):
+        fig.add_trace(
+            go.Scatter(
+                x=xs, y=scale * xs**exponent, mode="lines", name=f"fit c·L^k (k = {exponent:.2f})",
+                line={"color": "grey", "dash": "dot"},
+            )
+        )  # fmt: skip
+    fig.add_hline(y=0, line={"color": "lightgrey", "width": 1})
     fig.update_layout(hovermode="closest")
     return fig
