@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/render_docs.py                         # every notebook at full size, all figures
     .venv/bin/python scripts/render_docs.py --small                 # LAB_NOTEBOOK_SMALL=1: the CI sizes, quick
+    .venv/bin/python scripts/render_docs.py --small --time-only     # SMALL run times only, copies untouched
     .venv/bin/python scripts/render_docs.py --only 01,02            # some notebooks (figures too, unless --no-figures)
     .venv/bin/python scripts/render_docs.py --runs-dir runs/demo    # notebook 04 loads these runs (LAB_RUNS_DIR)
                                                                     # and the dashboard screenshots show them
@@ -12,7 +13,8 @@ What it writes
         top to bottom with nbclient, every plotly figure then drawn to a PNG (kaleido + Chromium), and
         exported to Markdown by nbconvert (GitHub shows it with its images). Only
         stdout and the images are kept (warnings and progress bars on stderr are dropped). The committed
-        notebooks stay clean; the executed copies are not kept.
+        notebooks stay clean; the executed copies go to ``build/docs-executed/`` (git-ignored), so that
+        ``--reuse-executed`` can re-export them after a markdown-only edit without running anything.
     ``docs/notebooks/timings.json``
         The measured wall time of each notebook per mode (``full`` / ``small``; the kernel's execution only,
         the PNGs are drawn afterwards), with the load average before it and the date: the notebooks' "Run
@@ -49,6 +51,7 @@ sys.path.insert(0, str(ROOT))  # the checkout's lab package
 
 NOTEBOOKS = ROOT / "notebooks"
 DOCS = ROOT / "docs"
+EXECUTED = ROOT / "build" / "docs-executed"  # executed notebooks (git-ignored), for --reuse-executed
 STORED_VARIANCE = ROOT / "benchmarks" / "results" / "variance_vs_length.smollm2.json"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -63,6 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=None, help="runs for notebook 04 and the dashboard shots")
     p.add_argument("--no-notebooks", action="store_true", help="only the figures")
     p.add_argument("--no-figures", action="store_true", help="only the notebooks")
+    p.add_argument(
+        "--reuse-executed",
+        action="store_true",
+        help="re-export the last executed copies (build/docs-executed/) with the current markdown, no execution",
+    )
+    p.add_argument(
+        "--time-only",
+        action="store_true",
+        help="execute and record run times, keep the rendered copies (e.g. --small --time-only for the SMALL column)",
+    )
     p.add_argument("--timeout", type=int, default=1800, help="seconds per notebook cell (default 1800)")
     p.add_argument("--out", type=Path, default=DOCS, help="output folder (default docs/)")
     args = p.parse_args(argv)
@@ -206,24 +219,59 @@ def export_markdown(nb: Any, name: str, out_dir: Path) -> Path:
 
 def start_kaleido(browser: str) -> None:
     """One Chromium for every figure (kaleido otherwise starts one per image)."""
+    import warnings
+
     import kaleido
 
     os.environ.setdefault("BROWSER_PATH", browser)
     kaleido.start_sync_server(silence_warnings=True)
+    # plotly passes its own browser options, which a running server cannot take: harmless
+    warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+
+
+def reuse(cached: Path, source: Path) -> Any:
+    """The executed copy of ``source`` with its markdown cells replaced by the current ones.
+
+    Refuses (exits) when the code cells changed since that execution: outputs must come from this code.
+    """
+    import nbformat
+
+    if not cached.exists():
+        sys.exit(f"no executed copy {cached}: run without --reuse-executed first")
+    executed, current = nbformat.read(cached, as_version=4), nbformat.read(source, as_version=4)
+    code = [[c.source for c in nb.cells if c.cell_type == "code"] for nb in (executed, current)]
+    if code[0] != code[1] or len(executed.cells) != len(current.cells):
+        sys.exit(f"the code of {source.name} changed since {cached} was executed: run it again")
+    for old, new in zip(executed.cells, current.cells, strict=True):
+        if new.cell_type == "markdown":
+            old.source = new.source
+    return executed
 
 
 def render_notebooks(args: argparse.Namespace) -> None:
+    import nbformat
+
     out_dir = args.out / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     timings_path = out_dir / "timings.json"
     timings = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.exists() else {}
     mode = "small" if args.small else "full"
     os.environ["JUPYTER_PATH"] = os.pathsep.join([str(kernel_spec_dir()), os.environ.get("JUPYTER_PATH", "")])
+    EXECUTED.mkdir(parents=True, exist_ok=True)
     for path in args.notebooks:
+        cached = EXECUTED / f"{path.stem}.{mode}.ipynb"
+        if args.reuse_executed:
+            nb = reuse(cached, path)
+            md_path = export_markdown(static_copy(nb), path.stem, out_dir)
+            print(
+                f"[{path.stem}] re-exported the executed copy {cached} with the current markdown", flush=True
+            )
+            continue
         load = os.getloadavg()[0]
         print(f"[{path.stem}] executing ({mode}) ...", flush=True)
         nb, seconds = execute(path, args)
-        md_path = export_markdown(static_copy(nb), path.stem, out_dir)
+        nbformat.write(nb, cached)
+        md_path = None if args.time_only else export_markdown(static_copy(nb), path.stem, out_dir)
         timings.setdefault(mode, {})[path.stem] = {
             "seconds": round(seconds, 1),
             "load_before": round(load, 2),
@@ -234,7 +282,42 @@ def render_notebooks(args: argparse.Namespace) -> None:
             else None,
         }
         timings_path.write_text(json.dumps(timings, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        print(f"[{path.stem}] {seconds:.0f} s -> {md_path}", flush=True)
+        print(f"[{path.stem}] {seconds:.0f} s -> {md_path or 'timings only'}", flush=True)
+    write_index(out_dir, timings)
+
+
+def write_index(out_dir: Path, timings: dict[str, dict[str, Any]]) -> Path:
+    """``docs/notebooks/README.md``: every rendered notebook with its first heading and measured run times."""
+    import nbformat
+
+    lines = [
+        "# Rendered notebooks",
+        "",
+        "Executed copies of `notebooks/*.ipynb` with their outputs as static images, written by",
+        "`scripts/render_docs.py` (regenerate: `.venv/bin/python scripts/render_docs.py`). Run times are",
+        "measured by that script (`timings.json`; full size unless marked SMALL, on the machine named there).",
+        "",
+        "| notebook | run time (full) | run time (SMALL) |",
+        "|---|---|---|",
+    ]
+    for md_path in sorted(out_dir.glob("[0-9][0-9]_*.md")):
+        source = NOTEBOOKS / f"{md_path.stem}.ipynb"
+        title = md_path.stem
+        if source.exists():
+            first = nbformat.read(source, as_version=4).cells[0].source.splitlines()[0]
+            title = first.lstrip("# ").strip() or title
+        cols = []
+        for mode in ("full", "small"):
+            entry = timings.get(mode, {}).get(md_path.stem)
+            cols.append(
+                f"{entry['seconds'] / 60:.1f} min (load {entry['load_before']:.1f})"
+                if entry
+                else "not measured"
+            )
+        lines.append(f"| [{title}]({md_path.name}) | {cols[0]} | {cols[1]} |")
+    path = out_dir / "README.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 # -------------------------------------------------------------------------------------------- figures
@@ -336,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     start_kaleido(browser)
     if not args.no_notebooks:
         render_notebooks(args)
+    if args.reuse_executed:
+        return
     if not args.no_figures:
         render_figures(args, browser)
 
