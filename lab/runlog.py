@@ -24,8 +24,9 @@ A comparison is a folder of run dirs, ``runs/<comparison>/<run_id>/`` with ``run
 ``eval.jsonl``
     One object per evaluation: ``step``, ``k``, ``avg_at_k``, ``pass_at_k``, ``n_prompts``.
 ``probes.jsonl``
-    One object per gradient probe: ``step``, ``lengths``, ``grad_variances`` (per-sample ‖g_i − ḡ‖²),
-    ``slope``, ``intercept``, ``correlation`` (Var(g_i) against L_i), ``cv`` ({method: measured CV}).
+    One object per gradient probe: ``step``, ``lengths``, ``grad_variances`` (per-sample unbiased
+    estimates of tr Var(g_i), ``lab.probes.grad_variances``; null where not estimable), ``slope``,
+    ``intercept``, ``correlation``, ``exponent`` (Var(g_i) against L_i), ``cv`` ({method: measured CV}).
 ``checkpoints/``
     Trainer checkpoints (``checkpoint-<step>``) for ``--resume``.
 

@@ -80,3 +80,40 @@ def test_fast_compare_summarizes_a_run_dir_with_its_curves(tmp_path):
     assert extra == [*fast.QUICK_ARGS, "--optimizer", "sgd"]
     with pytest.raises(SystemExit):
         fast.parse_args(["--", "--out", "elsewhere"])
+
+
+def test_variance_vs_length_within_prompt_slope_ignores_prompt_offsets():
+    """One intercept per prompt: offsets between prompts do not leak into the slope."""
+    import torch
+
+    vvl = load("variance_vs_length")
+    lengths = torch.tensor([5.0, 10, 20, 100, 200, 300], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    variances = 3.0 * lengths + torch.tensor([0.0, 0, 0, 5000, 5000, 5000], dtype=torch.float64)
+    assert vvl.within_prompt_slope(lengths, variances, groups) == pytest.approx(3.0)
+    assert vvl.json_safe({"a": [float("nan"), 1.0], "b": float("inf")}) == {"a": [None, 1.0], "b": None}
+    with pytest.raises(SystemExit):
+        vvl.parse_args(["--num-generations", "2"])
+
+
+def test_stored_variance_measurement_matches_its_rows():
+    """The stored result has the keys the notebooks and README read, and its fits follow from its rows."""
+    import torch
+
+    from lab.probes import variance_length_fit
+
+    stored = json.loads((BENCH / "results" / "variance_vs_length.smollm2.json").read_text(encoding="utf-8"))
+    for key in ("slope", "intercept", "exponent", "n", "lengths_min", "lengths_max", "command"):
+        assert stored[key] is not None, key
+    for key in ("slope_ci", "intercept_ci", "exponent_ci"):
+        lo, hi = stored[key]
+        assert lo < hi, key
+    rows = stored["rows"]
+    lengths = torch.tensor(rows["length"], dtype=torch.float64)
+    estimates = torch.tensor([float("nan") if v is None else v for v in rows["grad_variance"]])
+    fit = variance_length_fit(lengths, estimates)
+    assert fit["slope"] == pytest.approx(stored["slope"]) and fit["exponent"] == pytest.approx(
+        stored["exponent"]
+    )
+    assert stored["n"] == fit["n"] >= 64 and len(set(rows["prompt"])) >= 8
+    assert (stored["lengths_min"], stored["lengths_max"]) == (min(rows["length"]), max(rows["length"]))

@@ -488,6 +488,21 @@ def test_noise_figures(complete_runs):
     assert len(noise.own_cv_figure(group_by_label(complete_runs)).data) >= 5
 
 
+def test_noise_scatter_skips_rows_without_an_estimate(complete_runs):
+    """Rows the probe could not estimate (length 0, group < 3 rows) are logged as null and not drawn."""
+    run = next(r for r in complete_runs if r.run_id == "delta_l-s0")
+    probe = {
+        "step": 7,
+        "lengths": [10, 0, 30, 40],
+        "grad_variances": [5.0, None, 12.0, 17.0],
+        "exponent": 0.9,
+    }
+    scatter = noise.variance_scatter(run, probe)
+    assert list(scatter.data[0].x) == [10.0, 30.0, 40.0] and "k = 0.90" in scatter.layout.title.text
+    empty = noise.variance_scatter(run, {"step": 8, "lengths": [1, 2], "grad_variances": [None, None]})
+    assert not empty.data or all(len(t.x or []) == 0 for t in empty.data)
+
+
 def test_noise_fit_without_logged_line():
     L, var = np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.0])
     slope, intercept, corr = noise.fit_line(L, var, {})

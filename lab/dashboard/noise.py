@@ -69,7 +69,8 @@ def probe_cvs(run: RunData) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def valid_probes(run: RunData) -> list[dict]:
-    """Probe records with matching ``lengths`` and ``grad_variances`` lists (at least 2 points)."""
+    """Probe records with matching ``lengths`` and ``grad_variances`` lists (at least 2 points; null
+    entries, rows the probe could not estimate, are dropped when plotted)."""
     good = []
     for probe in run.probes:
         lengths, variances = probe.get("lengths"), probe.get("grad_variances")
@@ -97,23 +98,70 @@ def fit_line(lengths: np.ndarray, variances: np.ndarray, probe: dict) -> tuple[f
 
 
 def variance_scatter(run: RunData, probe: dict) -> go.Figure:
-    """Var(g_i) = ‖g_i − ḡ‖² against L_i at one probe, with the fitted line Var = a·L + b."""
+    """The probe's unbiased per-row estimates of tr Var(g_i) (:func:`lab.probes.grad_variances`) against
+    L_i at one probe, with the fitted line Var = a + b·L."""
     L = np.asarray(probe["lengths"], dtype=float)
-    var = np.asarray(probe["grad_variances"], dtype=float)
+    var = np.asarray([np.nan if v is None else v for v in probe["grad_variances"]], dtype=float)
+    finite = np.isfinite(L) & np.isfinite(var)
+    L, var = L[finite], var[finite]
+    if L.size < 2:
+        return placeholder(
+            f"{run.run_id}, step {probe.get('step')}", "Fewer than 2 rows with a variance estimate."
+        )
     slope, intercept, corr = fit_line(L, var, probe)
-    title = f"{run.run_id}, step {probe.get('step')}: Var(g_i) vs L_i  (r = {corr:.2f}, slope = {slope:.3g})"
-    fig = new_figure(title, "L_i (tokens)", "Var(g_i) = ‖g_i − ḡ‖²")
+    exponent = probe.get("exponent")
+    k = f", k = {exponent:.2f}" if isinstance(exponent, (int, float)) and np.isfinite(exponent) else ""
+    title = (
+        f"{run.run_id}, step {probe.get('step')}: Var(g_i) vs L_i  (r = {corr:.2f}, slope = {slope:.3g}{k})"
+    )
+    return variance_fit_figure(
+        L, var, slope=slope, intercept=intercept, title=title, color=color_for(run.label)
+    )
+
+
+def variance_fit_figure(
+    lengths: Sequence[float] | np.ndarray,
+    variances: Sequence[float] | np.ndarray,
+    *,
+    slope: float,
+    intercept: float,
+    title: str,
+    exponent: float | None = None,
+    scale: float | None = None,
+    labels: Sequence[str] | None = None,
+    color: str | None = None,
+    yaxis: str = "unbiased estimate of tr Var(g_i)",
+) -> go.Figure:
+    """Per-row variance estimates against L_i (one marker colour per label, e.g. per prompt kind), the
+    fitted line a + b·L and, when ``exponent`` and ``scale`` are given, the power law c·L^k.
+
+    Used by the dashboard's probe view, notebook 01 and ``scripts/render_docs.py`` (the stored
+    measurement of ``benchmarks/variance_vs_length.py``)."""
+    L = np.asarray(lengths, dtype=float)
+    var = np.asarray(variances, dtype=float)
+    fig = new_figure(title, "L_i (tokens)", yaxis)
+    groups = list(labels) if labels is not None else ["completions"] * L.size
+    for label in dict.fromkeys(groups):
+        rows = np.array([g == label for g in groups])
+        marker = {"size": 8, "opacity": 0.8}
+        if color is not None and labels is None:
+            marker["color"] = color
+        fig.add_trace(go.Scatter(x=L[rows], y=var[rows], mode="markers", name=str(label), marker=marker))
+    xs = np.linspace(L.min(), L.max(), 60)
     fig.add_trace(
         go.Scatter(
-            x=L, y=var, mode="markers", name="completions", marker={"color": color_for(run.label), "size": 8}
+            x=xs, y=slope * xs + intercept, mode="lines", name=f"fit a + b·L (b = {slope:.3g})",
+            line={"color": "black", "dash": "dash"},
         )
-    )
-    xs = np.array([L.min(), L.max()])
-    fig.add_trace(
-        go.Scatter(
-            x=xs, y=slope * xs + intercept, mode="lines", name="fit", line={"color": "black", "dash": "dash"}
-        )
-    )
+    )  # fmt: skip
+    if exponent is not None and scale is not None and np.isfinite(exponent) and np.isfinite(scale):
+        fig.add_trace(
+            go.Scatter(
+                x=xs, y=scale * xs**exponent, mode="lines", name=f"fit c·L^k (k = {exponent:.2f})",
+                line={"color": "grey", "dash": "dot"},
+            )
+        )  # fmt: skip
+    fig.add_hline(y=0, line={"color": "lightgrey", "width": 1})
     fig.update_layout(hovermode="closest")
     return fig
 
