@@ -21,6 +21,9 @@ What it writes
         time" lines quote it.
     ``docs/figures/variance_vs_length.png``
         ``benchmarks/results/variance_vs_length.smollm2.json`` drawn by ``lab.dashboard.noise.variance_fit_figure``.
+    ``docs/figures/main_job_rewards.png``, ``main_job_rewards_sgd.png``
+        The main job's reward curves per aggregator (mean over seeds, 95% band), drawn from the stored results
+        of ``benchmarks/fast_compare.py`` (AdamW and SGD) by the dashboard's ``reward_figure``.
     ``docs/figures/dashboard_<tab>.png``
         Screenshots of ``streamlit run app.py`` in headless Chromium (Playwright): the Estimator playground
         (no run needed) and, with ``--runs-dir``, the Overview and Gradient noise tabs of those runs.
@@ -53,6 +56,11 @@ NOTEBOOKS = ROOT / "notebooks"
 DOCS = ROOT / "docs"
 EXECUTED = ROOT / "build" / "docs-executed"  # executed notebooks (git-ignored), for --reuse-executed
 STORED_VARIANCE = ROOT / "benchmarks" / "results" / "variance_vs_length.smollm2.json"
+# the main job as measured by benchmarks/fast_compare.py: (stored result, figure name, what it ran)
+STORED_COMPARISONS = (
+    (ROOT / "benchmarks" / "results" / "fast_compare.2core.json", "main_job_rewards.png", "AdamW 3e-4"),
+    (ROOT / "benchmarks" / "results" / "fast_compare.sgd.2core.json", "main_job_rewards_sgd.png", "SGD 0.1"),
+)
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
@@ -345,6 +353,37 @@ def variance_figure(out_dir: Path) -> Path:
     return path
 
 
+def comparison_figure(stored: Path, out_path: Path, what: str) -> Path | None:
+    """The reward curves of a stored comparison (mean over seeds, 95% band), drawn by the dashboard's own
+    ``reward_figure`` from run dirs rebuilt out of the stored per-step curves (``benchmarks/fast_compare.py``)."""
+    from lab.dashboard.data import RunStore, group_by_label
+    from lab.dashboard.overview import reward_figure
+    from lab.runlog import RunWriter
+
+    if not stored.exists():
+        print(f"skipped {out_path.name}: {stored.relative_to(ROOT)} is missing", flush=True)
+        return None
+    summary = json.loads(stored.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="lab-docs-cmp-") as tmp:
+        dirs = []
+        for run in summary["runs"]:
+            writer = RunWriter(Path(tmp) / run["run"])
+            writer.write_config({"label": run["label"], "seed": run["seed"], "aggregator": run["label"]})
+            for step, reward in run["curves"]["reward"]:
+                writer.log_metrics({"step": step, "reward": reward})
+            writer.set_status("finished", run["steps"], run["steps"])
+            dirs.append((".", writer.dir))
+        groups = group_by_label(RunStore().load(dirs))
+        fig = reward_figure(groups, window=5)
+    seeds = summary["verdict"]["seeds"] if summary.get("verdict") else "?"
+    fig.update_layout(
+        title=f"The main job ({what}): reward per step, mean over {seeds} seeds with a 95% band "
+        f"(5-step moving average); {summary['wall_seconds'] / 60:.1f} min on {summary['cpus']} cores"
+    )
+    fig.write_image(out_path, width=1000, height=480)
+    return out_path
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -409,8 +448,13 @@ def dashboard_screenshots(out_dir: Path, runs_dir: Path | None, browser: str) ->
 def render_figures(args: argparse.Namespace, browser: str) -> None:
     out_dir = args.out / "figures"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path in [variance_figure(out_dir), *dashboard_screenshots(out_dir, args.runs_dir, browser)]:
-        print(f"wrote {path}", flush=True)
+    comparisons = [
+        comparison_figure(stored, out_dir / name, what) for stored, name, what in STORED_COMPARISONS
+    ]
+    paths = [variance_figure(out_dir), *comparisons, *dashboard_screenshots(out_dir, args.runs_dir, browser)]
+    for path in paths:
+        if path is not None:
+            print(f"wrote {path}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
