@@ -187,14 +187,7 @@ def linear_per_sample_gradients(
     forward + backward of the batch, instead of N of them.
     """
     trainable = trainable_parameters(model)
-    shared = _shared_weights(model)
-    layers = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and module.weight.requires_grad
-        and id(module.weight) not in shared
-    ]
+    layers = own_linear_layers(model)
     if not layers:
         raise ValueError(
             "the model has no trainable nn.Linear layer of its own (nothing to probe per sample)"
@@ -254,13 +247,20 @@ def linear_per_sample_gradients(
     return grads, covered / total
 
 
-def _shared_weights(model: torch.nn.Module) -> set[int]:
-    """ids of parameters used by more than one module (e.g. an LM head tied to the embedding)."""
-    seen: dict[int, int] = {}
+def own_linear_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The ``nn.Linear`` modules whose weight is trainable and used by no other module (a tied LM head is
+    not): the layers whose per-row gradients the batched trick gives exactly."""
+    uses: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
-            seen[id(p)] = seen.get(id(p), 0) + 1
-    return {k for k, v in seen.items() if v > 1}
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and module.weight.requires_grad
+        and uses[id(module.weight)] == 1
+    ]
 
 
 @torch.no_grad()
@@ -940,15 +940,10 @@ class AggregatorGradientHook:
             return
         ratios = ratios.float()
         self._rows_in_flight += int(ratios.shape[0])
-        handles = []
-        shared = _shared_weights(model)
-        for name, module in model.named_modules():
-            if (
-                isinstance(module, torch.nn.Linear)
-                and module.weight.requires_grad
-                and id(module.weight) not in shared
-            ):
-                handles.append(module.register_forward_hook(self._forward_hook(name, ratios)))
+        handles = [
+            module.register_forward_hook(self._forward_hook(name, ratios))
+            for name, module in own_linear_layers(model)
+        ]
         try:
             yield
         finally:
