@@ -14,7 +14,10 @@ What it measures
     - the load average before and after (``os.getloadavg``), since the machine may be shared;
     - the verdict ``lab compare`` wrote (``verdict.json``), pair by pair;
     - each run's per-step curves of the keys in :data:`CURVE_KEYS` (``curves``), so the README's comparison
-      figure can be redrawn from this file alone (``scripts/render_docs.py``).
+      figure can be redrawn from this file alone (``scripts/render_docs.py``);
+    - the task's length spread at step 1 (median over prompt groups of longest / shortest completion) and,
+      over all gradient probes, the median measured CV of each aggregator next to its theoretical CV
+      under Var(g_i) = V·L_i on the same lengths (``probes``).
 
 Usage::
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -52,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--out", type=Path, default=None, help="comparison dir (default: a fresh temporary dir)")
     p.add_argument("--quick", action="store_true", help=f"pass {' '.join(QUICK_ARGS)} (a smoke run)")
     p.add_argument("--json", type=Path, default=None, help="also write the summary to this JSON file")
+    p.add_argument(
+        "--resummarize", type=Path, default=None, metavar="JSON",
+        help="recompute the run-log fields of this stored summary from --out (no training)",
+    )  # fmt: skip
     args, extra = p.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -82,8 +90,80 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def _median(values: list) -> float | None:
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return statistics.median(finite) if finite else None
+
+
+def probe_summary(out: Path) -> dict[str, Any]:
+    """Over every probe of every run: median measured CV and theoretical CV per aggregator, the number of
+    probes (and of those where the bootstrap could not separate the mean gradient from its noise: CV
+    inf/null), and the median Var(g_i)-vs-L_i exponent of a batch."""
+    measured: dict[str, list] = {}
+    theory: dict[str, list] = {}
+    exponents = []
+    for dirs in list_runs(out).values():
+        for run_dir in dirs:
+            reader = RunReader(run_dir)
+            reader.poll()
+            for probe in reader.probes:
+                for method, value in (probe.get("cv") or {}).items():
+                    measured.setdefault(method, []).append(value)
+                for method, value in (probe.get("cv_theory") or {}).items():
+                    theory.setdefault(method, []).append(value)
+                exponents.append(probe.get("exponent"))
+    return {
+        "n_probes": len(exponents),
+        "cv_measured_median": {m: _median(v) for m, v in measured.items()},
+        "cv_measured_finite": {
+            m: sum(isinstance(x, (int, float)) and math.isfinite(x) for x in v) for m, v in measured.items()
+        },
+        "cv_theory_median": {m: _median(v) for m, v in theory.items()},
+        "exponent_median": _median(exponents),
+    }
+
+
+def length_ratio_at_step_one(out: Path) -> dict[str, float | None]:
+    """Median and quartiles over prompt groups of (longest / shortest completion) in every run's first batch."""
+    ratios = []
+    for dirs in list_runs(out).values():
+        for run_dir in dirs:
+            reader = RunReader(run_dir)
+            reader.poll()
+            if not reader.samples:
+                continue
+            groups: dict[int, list[float]] = {}
+            for length, group in zip(reader.samples[0]["lengths"], reader.samples[0]["group"], strict=True):
+                groups.setdefault(group, []).append(length)
+            ratios += [max(v) / min(v) for v in groups.values() if min(v) > 0]
+    if len(ratios) < 2:
+        return {"median": _median(ratios), "q1": None, "q3": None, "groups": len(ratios)}
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    return {"median": q2, "q1": q1, "q3": q3, "groups": len(ratios)}
+
+
+def resummarize(path: Path, out: Path) -> None:
+    """Recompute the run-log parts of a stored summary from its comparison dir (the timing fields stay the
+    ones measured when it ran): for a summary written before a field was added."""
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    runs = [run_summary(d) for dirs in list_runs(out).values() for d in dirs]
+    for r in runs:
+        r.pop("step_times")
+        r.pop("probe_seconds")
+    summary.update(runs=runs, probes=probe_summary(out), length_ratio_step1=length_ratio_at_step_one(out),
+                   verdict=read_verdict(out))  # fmt: skip
+    summary.setdefault("resummarized", []).append(time.strftime("%Y-%m-%d %H:%M:%S"))
+    path.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    print(f"re-summarized {path} from {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
+    if args.resummarize:
+        if args.out is None:
+            raise SystemExit("--resummarize needs --out, the comparison dir the summary was made from")
+        resummarize(args.resummarize, args.out)
+        return 0
     out = args.out or Path(tempfile.mkdtemp(prefix="fast-compare-")) / "cmp"
     command = [sys.executable, "-m", "lab.cli", "compare", "--out", str(out), *extra]
     load_before = os.getloadavg()
@@ -98,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     probes = [t for r in runs for t in r.pop("probe_seconds")]
     verdict = read_verdict(out)
     summary = {
+        "probes": probe_summary(out),
+        "length_ratio_step1": length_ratio_at_step_one(out),
         "command": "python benchmarks/fast_compare.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "lab_command": " ".join(command[1:]),
