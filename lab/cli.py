@@ -73,6 +73,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report-to", default=None, help="comma list for TRL, e.g. wandb,tensorboard (default none)"
     )
+    p.add_argument(
+        "--vllm",
+        action="store_true",
+        help="generate with vLLM colocated in the training process (TRL use_vllm, vllm_mode=colocate); "
+        "needs a CUDA GPU and the vllm package",
+    )
+    p.add_argument(
+        "--vllm-gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="GPU memory fraction vLLM reserves with --vllm (default 0.3, TRL's)",
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--seeds", type=_positive_int, default=1, help="repeat each aggregator with S seeds")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint(s) in --out")
@@ -104,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, aggregator: str):
     from lab.runner import RunConfig
 
+    if args.vllm_gpu_memory_utilization is not None and not args.vllm:
+        raise ValueError("--vllm-gpu-memory-utilization applies only with --vllm")
     fields = {
         "task": args.task,
         "model": args.model,
@@ -124,11 +138,13 @@ def config_from_args(args: argparse.Namespace, aggregator: str):
         "probe_every": args.probe_every,
         "save_every": args.save_every,
         "threads": args.threads,
+        "vllm_gpu_memory_utilization": args.vllm_gpu_memory_utilization,
     }
     config = RunConfig(
         aggregator=aggregator,
         seed=args.seed,
         log_texts=args.log_texts,
+        vllm=args.vllm,
         **{k: v for k, v in fields.items() if v is not None},
     )
     if args.report_to:

@@ -8,6 +8,7 @@ prompts, seeds and sampling settings (a fair A/B), one run after another on one 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import random
@@ -60,6 +61,8 @@ class RunConfig:
     log_texts: bool = False
     report_to: list[str] = field(default_factory=list)
     comparison: str | None = None
+    vllm: bool = False  # generate with vLLM colocated in the training process (TRL's use_vllm), GPU only
+    vllm_gpu_memory_utilization: float = 0.3  # the GPU memory fraction vLLM reserves (TRL's default)
 
     def resolved(self) -> RunConfig:
         """A copy with every ``None`` filled in and every value checked (ValueError names the bad one)."""
@@ -112,6 +115,8 @@ class RunConfig:
             value = getattr(c, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if c.vllm:
+            check_vllm(c.vllm_gpu_memory_utilization)
         if not (c.temperature > 0 and c.learning_rate > 0):
             raise ValueError(
                 f"temperature and learning_rate must be > 0, got {c.temperature!r}, {c.learning_rate!r}"
@@ -199,6 +204,40 @@ class RunLogCallback(TrainerCallback):
                 self.writer.log_probe(record)
 
 
+def check_vllm(gpu_memory_utilization: float) -> None:
+    """ValueError (before anything is created) unless vLLM can run here: importable, a CUDA GPU, a sane fraction."""
+    if not 0 < gpu_memory_utilization < 1:
+        raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization!r}")
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            "--vllm needs the vllm package, which is not installed in this environment: install a version TRL "
+            "supports on a CUDA machine (`pip install 'trl[vllm]'`), or drop --vllm to generate with transformers"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError("--vllm needs a CUDA GPU (vLLM does not run on this machine's CPU); drop --vllm")
+
+
+def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
+    """TRL/transformers switches that trade memory against time, per device (measured choices).
+
+    GPU: bf16 and activation checkpointing (TRL's defaults). CPU (benchmarks/cpu_step_profile.py on the demo,
+    2 cores): fp32 (bf16 was not faster), no checkpointing, and each distinct prompt prefilled once in
+    generation and forwarded once per micro-batch in the loss (exact; lab.trainer) -- the demo's prompts are
+    ~6x longer than its completions and every prompt is repeated num_generations times. vLLM: colocated.
+    """
+    settings: dict[str, Any] = {
+        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
+        "activation_checkpointing": on_gpu,
+        "prefill_prompts_once": not on_gpu,
+        "forward_prompts_once": not on_gpu,
+    }
+    if c.vllm:
+        settings.update(
+            use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=c.vllm_gpu_memory_utilization
+        )
+    return settings
+
+
 def _trl_args(c: RunConfig, run_dir: Path):
     from lab.trainer import DeltaLGRPOConfig
 
@@ -233,9 +272,8 @@ def _trl_args(c: RunConfig, run_dir: Path):
         seed=c.seed,
         data_seed=c.seed,
         use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=on_gpu,
         disable_tqdm=False,
+        **device_settings(c, on_gpu),
     )
 
 
@@ -392,7 +430,7 @@ def run_comparison(
     """
     out = Path(out)
     for agg in aggregators:
-        RunConfig(aggregator=agg).resolved()  # fail before hours of training, not after
+        dataclasses.replace(config, aggregator=agg).resolved()  # fail before hours of training, not after
     runs = []
     total = len(aggregators) * len(seeds)
     for i, (seed, agg) in enumerate(((s, a) for s in seeds for a in aggregators), start=1):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
 import signal
 import subprocess
@@ -10,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lab.aggregation import delta_l_row_weights
 from lab.cli import build_parser, main
 from lab.runlog import RunReader, read_json
+from lab.runner import RunConfig, device_settings
 from tests.helpers import free_port
 
 FAST = [
@@ -86,6 +90,49 @@ def test_bad_arguments_are_named(argv, match, capsys):
 def test_bad_values_give_a_clear_error(tmp_path, capsys):
     assert main(["train", "--alpha", "-1", "--out", str(tmp_path), *FAST]) == 2
     assert "-1" in capsys.readouterr().err
+
+
+def _pretend_vllm_is(installed: bool, monkeypatch) -> None:
+    find_spec = importlib.util.find_spec
+
+    def fake(name, *args):
+        if name == "vllm":
+            return importlib.machinery.ModuleSpec("vllm", None) if installed else None
+        return find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+
+
+@pytest.mark.parametrize(
+    ("installed", "extra", "match"),
+    [
+        (False, [], "--vllm needs the vllm package"),
+        (True, [], "--vllm needs a CUDA GPU"),
+        (True, ["--vllm-gpu-memory-utilization", "1.5"], "must be in (0, 1), got 1.5"),
+    ],
+)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
+def test_vllm_problems_are_named_before_anything_is_created(
+    tmp_path, capsys, monkeypatch, installed, extra, match
+):
+    _pretend_vllm_is(installed, monkeypatch)
+    out = tmp_path / "runs"
+    for command in (["train"], ["compare", "--aggregators", "grpo,delta_l"]):
+        assert main([*command, "--vllm", *extra, "--out", str(out), *FAST]) == 2
+        assert match in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_vllm_memory_fraction_needs_vllm(tmp_path, capsys):
+    assert main(["train", "--vllm-gpu-memory-utilization", "0.5", "--out", str(tmp_path / "x"), *FAST]) == 2
+    assert "applies only with --vllm" in capsys.readouterr().err
+
+
+def test_vllm_passes_trl_its_colocate_settings():
+    settings = device_settings(RunConfig(vllm=True, vllm_gpu_memory_utilization=0.45), on_gpu=True)
+    assert settings["use_vllm"] is True and settings["vllm_mode"] == "colocate"
+    assert settings["vllm_gpu_memory_utilization"] == 0.45
+    assert "use_vllm" not in device_settings(RunConfig(), on_gpu=True)
 
 
 @pytest.mark.slow

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 from lab.aggregation import delta_l_row_weights
 from lab.models import load_model_and_tokenizer, lora_config
-from lab.trainer import DeltaLGRPOConfig, DeltaLGRPOTrainer
+from lab.trainer import DeltaLGRPOConfig, DeltaLGRPOTrainer, distinct_rows
 from tests.helpers import free_port
 
 M = 16  # max_completion_length
@@ -254,3 +256,91 @@ def test_cpu_compacted_lm_head_gives_exact_log_probs(tmp_path, generation_batch)
         expected = expected.gather(-1, b["completion_ids"].unsqueeze(-1)).squeeze(-1)
     mask = b["completion_mask"].bool()
     torch.testing.assert_close(logps[mask], expected[mask], rtol=1e-4, atol=1e-4)
+
+
+# -- each prompt once: exact against TRL's own path ---------------------------------------------------------
+def sharing_trainer(tmp_path, share: bool):
+    """LoRA on the tiny model, two prompts of different token lengths (left padding) × 4 completions."""
+    model, tokenizer = load_model_and_tokenizer("tiny")
+    prompts = ["Count to 3.", "Count from one to twelve, then back down to one."]
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
+    args = DeltaLGRPOConfig(
+        output_dir=str(tmp_path / f"share-{share}"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=M,
+        steps_per_generation=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        seed=0,
+        prefill_prompts_once=share,
+        forward_prompts_once=share,
+    )
+    trainer = DeltaLGRPOTrainer(
+        model=model,
+        processing_class=tokenizer,
+        reward_funcs=reward_by_length,
+        args=args,
+        train_dataset=data,
+        peft_config=lora_config("tiny"),
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer, [row for row in data for _ in range(4)]
+
+
+def test_each_prompt_once_gives_the_same_completions_and_gradients(tmp_path):
+    results = {}
+    for share in (False, True):
+        trainer, rows = sharing_trainer(tmp_path, share)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            batch = trainer._generate_and_score_completions(rows)
+        batch["advantages"] = torch.linspace(-1.0, 1.0, len(rows))
+        generation_shared = trainer.prompt_rows_shared
+        loss, grad = loss_and_grad(trainer, batch, splits=2)
+        results[share] = batch, loss, grad, generation_shared, trainer.prompt_rows_shared - generation_shared
+    (plain, loss_plain, grad_plain, *_), (shared, loss_shared, grad_shared, gen_rows, loss_rows) = (
+        results[False],
+        results[True],
+    )
+    assert set(plain["prompt_mask"].sum(1).tolist()) == {35, 42}  # left padding is exercised
+    assert (gen_rows, loss_rows) == (6, 6)  # 8 rows of 2 prompts; 2 micro-batches of 4 rows, 1 prompt each
+    assert results[False][3] == 0
+    assert torch.equal(plain["completion_ids"], shared["completion_ids"])  # same samples, same seed
+    assert loss_shared == pytest.approx(loss_plain, rel=1e-5, abs=1e-8)
+    assert grad_plain.norm() > 0
+    torch.testing.assert_close(grad_shared, grad_plain, rtol=1e-4, atol=1e-7)
+
+
+def test_each_prompt_once_log_probs_and_entropies_match_trl(tmp_path):
+    trainer, rows = sharing_trainer(tmp_path, share=True)
+    with torch.no_grad():
+        b = trainer._generate_and_score_completions(rows)
+    input_ids = torch.cat([b["prompt_ids"], b["completion_ids"]], dim=1)
+    attention_mask = torch.cat([b["prompt_mask"], b["completion_mask"]], dim=1)
+    keep = b["completion_ids"].size(1)
+    outputs = {}
+    for share in (True, False):
+        trainer.args.forward_prompts_once = share
+        with torch.no_grad():
+            outputs[share] = trainer._get_per_token_logps_and_entropies(
+                trainer.model, input_ids, attention_mask, keep, batch_size=3, compute_entropy=True
+            )
+    mask = b["completion_mask"].bool()
+    for shared, plain in zip(outputs[True][:2], outputs[False][:2], strict=True):
+        assert shared.shape == plain.shape == mask.shape
+        torch.testing.assert_close(shared[mask], plain[mask], rtol=1e-4, atol=1e-5)
+
+
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=12))
+@settings(max_examples=50, deadline=None)
+def test_distinct_rows_maps_every_row_to_its_first_copy(keys):
+    ids = torch.tensor([[k, k % 2, 7] for k in keys])
+    mask = torch.tensor([[int(k > 1), 1, 1] for k in keys])
+    firsts, inverse = distinct_rows(ids, mask)
+    assert torch.equal(ids[firsts][inverse], ids) and torch.equal(mask[firsts][inverse], mask)
+    assert sorted(firsts.tolist()) == [keys.index(k) for k in sorted(set(keys), key=keys.index)]
