@@ -119,6 +119,7 @@ def saved_activation_bytes(model, into: dict[str, int]):
     seen: set[int] = set()
     stack: list[str] = []
     names = {m: n for n, m in model.named_modules()}
+
     def enter(module, args) -> None:
         stack.append(names.get(module, type(module).__name__))
 
@@ -192,8 +193,10 @@ def worker(settings: dict[str, Any], steps: int, model: str, threads: int | None
         args = original_trl_args(c, run_dir)
         for key, value in settings.items():
             setattr(args, key, value)
-            if key in ("activation_checkpointing", "gradient_checkpointing"):  # transformers 5 keeps both names
-                args.activation_checkpointing = args.gradient_checkpointing = value
+            if key in ("activation_checkpointing", "gradient_checkpointing"):
+                args.activation_checkpointing = args.gradient_checkpointing = (
+                    value  # transformers 5 keeps both
+                )
         record["trl"] = {
             k: getattr(args, k)
             for k in (
@@ -272,7 +275,9 @@ def worker(settings: dict[str, Any], steps: int, model: str, threads: int | None
         t0 = time.perf_counter()
         runner.train_run(config, Path(tmp) / "run")
         record["total_s"] = time.perf_counter() - t0
-        samples = [json.loads(line) for line in (Path(tmp) / "run" / "samples.jsonl").read_text().splitlines()]
+        samples = [
+            json.loads(line) for line in (Path(tmp) / "run" / "samples.jsonl").read_text().splitlines()
+        ]
     monitor.stop()
     import resource
 
@@ -356,7 +361,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_rss_gb": round(max(r["peak_rss_bytes"] for r in records) / 1e9, 2),
         "peak_rss_by_phase_gb": {k: round(v / 1e9, 2) for k, v in by_phase.items()},
         "activation_gb": {
-            k: round(v / 1e9, 3) for k, v in sorted(records[0]["activation_bytes"].items(), key=lambda kv: -kv[1])
+            k: round(v / 1e9, 3)
+            for k, v in sorted(records[0]["activation_bytes"].items(), key=lambda kv: -kv[1])
         },
         "activation_total_gb": round(sum(records[0]["activation_bytes"].values()) / 1e9, 3),
         "trl": records[0].get("trl"),
@@ -385,7 +391,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": args.model,
         "steps_per_run": args.steps,
         "repeats": args.repeats,
-        "variants": {name: {"settings": args.variants[name], **summarize(rs)} for name, rs in records.items()},
+        "variants": {
+            name: {"settings": args.variants[name], **summarize(rs)} for name, rs in records.items()
+        },
         "load_average_before": load_before,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "cpu_count": os.cpu_count(),
@@ -397,7 +405,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def print_table(s: dict[str, Any]) -> None:
-    print(f"\n{s['model']}: {s['steps_per_run']} steps × {s['repeats']} run(s) per variant; medians of steps 2+")
+    print(
+        f"\n{s['model']}: {s['steps_per_run']} steps × {s['repeats']} run(s) per variant; medians of steps 2+"
+    )
     head = f"{'variant':<14}{'step':>7}" + "".join(f"{p:>10}" for p in PHASES) + f"{'peak RSS':>10}"
     print(head + "   (seconds; GB)")
     for name, v in s["variants"].items():
