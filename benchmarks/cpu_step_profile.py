@@ -18,7 +18,10 @@ What it measures
     ``--variant NAME:key=value,...`` compares settings (each run ``--repeats`` times, the variants interleaved
     A, B, A, B so both see the same machine load). Keys: any ``RunConfig`` field (``micro_batch_size=4``,
     ``max_completion_length=256``) and any ``DeltaLGRPOConfig`` field (``activation_checkpointing=true``,
-    ``use_transformers_continuous_batching=true``), plus ``attn=eager|sdpa`` (the model's attention kernel).
+    ``use_transformers_continuous_batching=true``), plus ``attn=eager|sdpa`` (the model's attention kernel),
+    ``cpu_gqa=false`` (transformers' own ``repeat_kv`` instead of lab.trainer's grouped-query SDPA on CPU) and
+    ``cb_max_memory_percent=0.02`` (continuous batching's KV-cache reservation; its default, 0.5, reserves half
+    of the machine's memory).
 
 Usage::
 
@@ -177,6 +180,14 @@ def worker(settings: dict[str, Any], steps: int, model: str, threads: int | None
 
     settings = dict(settings)
     attn = settings.pop("attn", None)
+    if settings.pop("cpu_gqa", True) is False:  # undo lab.trainer's grouped-query SDPA on CPU
+        from transformers.integrations import sdpa_attention
+
+        import lab.trainer
+
+        sdpa_attention.use_gqa_in_sdpa = lab.trainer._use_gqa_in_sdpa
+    if (cb_memory := settings.pop("cb_max_memory_percent", None)) is not None:  # a dict field, by one number
+        settings["transformers_continuous_batching_config"] = {"max_memory_percent": cb_memory}
     run_fields = {f.name for f in dataclasses.fields(runner.RunConfig)}
     run_settings = {k: settings.pop(k) for k in list(settings) if k in run_fields}
     trl_fields = {f.name for f in dataclasses.fields(DeltaLGRPOConfig)}

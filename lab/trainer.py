@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import trl.trainer.utils as _trl_utils
+from transformers.integrations import sdpa_attention as _sdpa_attention
 from trl import GRPOConfig, GRPOTrainer
 from trl.kernels.chunked_logprob import _use_triton
 
@@ -50,6 +51,17 @@ from lab.aggregation import check_alpha, delta_l_row_weights
 # the demo's 394-token prompts and 64-token completions, TRL's loss + backward took 9 s instead of 0.8 s
 # (benchmarks/step_time.py). Compacting on CPU too uses TRL's own masked path, as on CUDA.
 _trl_utils._use_triton = lambda device: device.type == "cpu" or _use_triton(device)
+
+# transformers' SDPA path copies the key/value heads up to the query heads (`repeat_kv`) whenever there is a
+# padding mask, because CUDA's fast kernels cannot take grouped heads with a mask. PyTorch's CPU flash kernel
+# can (`enable_gqa`, same output): on CPU that skips the copy, which autograd would otherwise keep for the
+# backward (SmolLM2: 9 query heads on 3 key/value heads, 0.34 GB per 8 x 458-token micro-batch) and halves
+# the attention time (benchmarks/cpu_step_profile.py).
+_use_gqa_in_sdpa = _sdpa_attention.use_gqa_in_sdpa
+_sdpa_attention.use_gqa_in_sdpa = lambda attention_mask, key, value: (
+    (key.device.type == "cpu" and key.shape[-1] == value.shape[-1])
+    or _use_gqa_in_sdpa(attention_mask, key, value)
+)
 
 
 # TRL 1.16's own loss types (GRPOTrainer._compute_loss), plus ours.

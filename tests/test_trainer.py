@@ -344,3 +344,30 @@ def test_distinct_rows_maps_every_row_to_its_first_copy(keys):
     firsts, inverse = distinct_rows(ids, mask)
     assert torch.equal(ids[firsts][inverse], ids) and torch.equal(mask[firsts][inverse], mask)
     assert sorted(firsts.tolist()) == [keys.index(k) for k in sorted(set(keys), key=keys.index)]
+
+
+def test_grouped_query_sdpa_on_cpu_gives_the_same_logits_and_gradients(monkeypatch):
+    """lab.trainer lets CPU SDPA take grouped key/value heads with a padding mask (no repeat_kv copy)."""
+    from transformers.integrations import sdpa_attention
+
+    import lab.trainer
+
+    model, _ = load_model_and_tokenizer("tiny")  # 4 query heads on 2 key/value heads
+    ids = torch.randint(3, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = mask[1, :1] = 0  # left padding
+    k = torch.randn(1, 2, 2, 8)
+    assert sdpa_attention.use_gqa_in_sdpa(torch.ones(1, 1, 2, 2, dtype=torch.bool), k, k)
+    results = []
+    for patched in (True, False):
+        if not patched:
+            monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", lab.trainer._use_gqa_in_sdpa)
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits[mask.bool()].square().mean().backward()
+        results.append(
+            (logits.detach()[mask.bool()], model.model.layers[0].self_attn.k_proj.weight.grad.clone())
+        )
+    assert not sdpa_attention.use_gqa_in_sdpa(torch.ones(1, 1, 2, 2, dtype=torch.bool), k, k)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
