@@ -19,7 +19,8 @@ What it measures
     A, B, A, B so both see the same machine load). Keys: any ``RunConfig`` field (``micro_batch_size=4``,
     ``max_completion_length=256``) and any ``DeltaLGRPOConfig`` field (``activation_checkpointing=true``,
     ``use_transformers_continuous_batching=true``), plus ``attn=eager|sdpa`` (the model's attention kernel),
-    ``cpu_gqa=false`` (transformers' own ``repeat_kv`` instead of lab.trainer's grouped-query SDPA on CPU) and
+    ``cpu_gqa=false`` (transformers' own ``repeat_kv`` instead of lab.trainer's grouped-query SDPA on CPU),
+    ``mmap_threshold=false`` (glibc's adaptive mmap threshold instead of lab.runner's fixed one) and
     ``cb_max_memory_percent=0.02`` (continuous batching's KV-cache reservation; its default, 0.5, reserves half
     of the machine's memory).
 
@@ -54,6 +55,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+import lab.cli  # noqa: F401  (before torch: lab's OpenMP wait policy, as under `lab train`)
+
+# isort: split
+
 PHASES = ("generate", "score", "forward", "backward", "other")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -73,6 +78,7 @@ class PhaseMonitor:
         self.stack: list[str] = []
         self.times: dict[str, float] = defaultdict(float)  # this step's
         self.peaks: dict[str, int] = defaultdict(int)  # whole run
+        self.step_peaks: dict[str, int] = defaultdict(int)  # this step's
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -84,6 +90,7 @@ class PhaseMonitor:
             self.peak = max(self.peak, rss)
             phase = self.stack[-1] if self.stack else "other"
             self.peaks[phase] = max(self.peaks[phase], rss)
+            self.step_peaks[phase] = max(self.step_peaks[phase], rss)
 
     @contextmanager
     def phase(self, name: str):
@@ -98,9 +105,11 @@ class PhaseMonitor:
             for outer in self.stack[-1:]:
                 self.times[outer] -= time.perf_counter() - t0
 
-    def take_step(self) -> dict[str, float]:
+    def take_step(self) -> tuple[dict[str, float], dict[str, int]]:
+        """This step's times and peak RSS per phase; starts the next step's."""
         step, self.times = dict(self.times), defaultdict(float)
-        return step
+        peaks, self.step_peaks = dict(self.step_peaks), defaultdict(int)
+        return step, peaks
 
     def stop(self) -> None:
         self._stop.set()
@@ -180,6 +189,8 @@ def worker(settings: dict[str, Any], steps: int, model: str, threads: int | None
 
     settings = dict(settings)
     attn = settings.pop("attn", None)
+    if settings.pop("mmap_threshold", True) is False:  # keep glibc's adaptive threshold (lab.runner sets it)
+        runner.return_freed_tensors_to_the_os = lambda: False
     if settings.pop("cpu_gqa", True) is False:  # undo lab.trainer's grouped-query SDPA on CPU
         from transformers.integrations import sdpa_attention
 
@@ -262,12 +273,18 @@ def worker(settings: dict[str, Any], steps: int, model: str, threads: int | None
     def on_log(self, args, state, control, logs=None, **kw):
         if state.is_world_process_zero and logs and "loss" in logs:
             now = time.perf_counter()
-            parts = monitor.take_step()
+            parts, peaks = monitor.take_step()
             wall = now - last["t"] if last["t"] is not None else logs.get("step_time")
             last["t"] = now
             parts["other"] = max(0.0, wall - sum(v for k, v in parts.items() if k != "other"))
             record["steps"].append(
-                {"step": int(state.global_step), "wall_s": wall, **parts, "load": os.getloadavg()[0]}
+                {
+                    "step": int(state.global_step),
+                    "wall_s": wall,
+                    **parts,
+                    "load": os.getloadavg()[0],
+                    "peak_rss_by_phase_bytes": peaks,
+                }
             )
         return original_on_log(self, args, state, control, logs=logs, **kw)
 
@@ -277,6 +294,7 @@ def worker(settings: dict[str, Any], steps: int, model: str, threads: int | None
     def on_train_begin(self, args, state, control, **kw):
         last["t"] = time.perf_counter()
         monitor.take_step()
+        record["rss_at_start_bytes"] = _rss_bytes()  # model, LoRA, optimizer-to-be, libraries
         return original_begin(self, args, state, control, **kw)
 
     runner.RunLogCallback.on_train_begin = on_train_begin
@@ -371,6 +389,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "loads": [round(s["load"], 2) for s in steps],
         "peak_rss_gb": round(max(r["peak_rss_bytes"] for r in records) / 1e9, 2),
         "peak_rss_by_phase_gb": {k: round(v / 1e9, 2) for k, v in by_phase.items()},
+        "first_step_peak_rss_by_phase_gb": {
+            k: round(v / 1e9, 2) for k, v in records[0]["steps"][0]["peak_rss_by_phase_bytes"].items()
+        },
+        "rss_at_start_gb": round(records[0]["rss_at_start_bytes"] / 1e9, 2),
         "activation_gb": {
             k: round(v / 1e9, 3)
             for k, v in sorted(records[0]["activation_bytes"].items(), key=lambda kv: -kv[1])
@@ -429,7 +451,10 @@ def print_table(s: dict[str, Any]) -> None:
             + f"{v['peak_rss_gb']:>10.2f}"
         )
     for name, v in s["variants"].items():
-        print(f"\n{name}: peak RSS by phase (GB) {v['peak_rss_by_phase_gb']}; loads {v['loads']}")
+        print(
+            f"\n{name}: RSS at the start of training {v['rss_at_start_gb']} GB; peak RSS by phase (GB) in step 1 "
+            f"{v['first_step_peak_rss_by_phase_gb']}, over the run {v['peak_rss_by_phase_gb']}; loads {v['loads']}"
+        )
         top = list(v["activation_gb"].items())[:8]
         print(f"  saved for backward, first micro-batch: {v['activation_total_gb']} GB; largest: {top}")
     print(f"\nload average before {s['load_average_before']}, after {s['load_average_after']}")

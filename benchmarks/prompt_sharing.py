@@ -38,6 +38,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+import lab.cli  # noqa: F401  (before torch: lab's OpenMP wait policy, as under `lab train`)
+
+# isort: split
+
 import torch
 
 

@@ -9,11 +9,18 @@ accelerate launch -m lab.cli train ...     (data-parallel on several GPUs/nodes)
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from lab.aggregation import METHODS
+# OpenMP threads that spin while they wait take the CPU from anything else running on a small machine, and
+# then from each other: with one other busy process on 2 cores, sampling the demo's 16 completions took 42 s
+# with 2 spinning threads, 19 s with 1 thread, and 20 s with 2 threads that sleep instead (14.5 s with no
+# other job). libgomp reads this once when torch loads it, so it is set before the first torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from lab.aggregation import METHODS  # (imports torch: after the OpenMP setting)
 from lab.models import EMBEDDED_MODEL, PRESETS
 
 

@@ -92,6 +92,16 @@ def test_bad_values_give_a_clear_error(tmp_path, capsys):
     assert "-1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise(given, expected):
+    env = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"} | (
+        {"OMP_WAIT_POLICY": given} if given else {}
+    )
+    code = "import os, lab.cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
+
+
 def _pretend_vllm_is(installed: bool, monkeypatch) -> None:
     find_spec = importlib.util.find_spec
 
