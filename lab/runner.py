@@ -222,10 +222,12 @@ def check_vllm(gpu_memory_utilization: float) -> None:
 def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
     """TRL/transformers switches that trade memory against time, per device (measured choices).
 
-    GPU: bf16 and activation checkpointing (TRL's defaults). CPU (benchmarks/cpu_step_profile.py on the demo,
-    2 cores): fp32 (bf16 was not faster), no checkpointing, and each distinct prompt prefilled once in
-    generation and forwarded once per micro-batch in the loss (exact; lab.trainer) -- the demo's prompts are
-    ~6x longer than its completions and every prompt is repeated num_generations times. vLLM: colocated.
+    GPU: bf16 and activation checkpointing (TRL's defaults). CPU (measured on the demo, 2 cores:
+    benchmarks/cpu_step_profile.py, benchmarks/prompt_sharing.py): fp32 (bf16 was not faster), no
+    checkpointing, each distinct prompt prefilled once in generation and forwarded once per micro-batch in
+    the loss, micro-batches cut by prompt (all exact; lab.trainer) -- the demo's prompts are ~6x longer than
+    its completions and each is repeated num_generations times -- and a static KV cache for sampling
+    (transformers' own; the growing cache is re-copied at every token). vLLM: colocated.
     """
     settings: dict[str, Any] = {
         "bf16": on_gpu and torch.cuda.is_bf16_supported(),
@@ -233,6 +235,8 @@ def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
         "prefill_prompts_once": not on_gpu,
         "forward_prompts_once": not on_gpu,
     }
+    if not on_gpu:
+        settings["cache_implementation"] = "static"
     if c.vllm:
         settings.update(
             use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=c.vllm_gpu_memory_utilization

@@ -34,12 +34,14 @@ Everything else (generation, rewards, advantages, clipping, logging, checkpoints
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import trl.trainer.utils as _trl_utils
+from transformers import StaticCache
 from transformers.integrations import sdpa_attention as _sdpa_attention
 from trl import GRPOConfig, GRPOTrainer
 from trl.kernels.chunked_logprob import _use_triton
@@ -191,7 +193,7 @@ class DeltaLGRPOTrainer(GRPOTrainer):
             self._prompt_prefill_shared(self.accelerator.unwrap_model(self.model_wrapped))
             if self.args.prefill_prompts_once
             and plain
-            and self.generation_config.cache_implementation is None
+            and self.generation_config.cache_implementation in (None, "static")
             else contextlib.nullcontext()
         )
         with sharing:
@@ -218,7 +220,19 @@ class DeltaLGRPOTrainer(GRPOTrainer):
                 use_cache=True,
                 logits_to_keep=1,
             ).cache
-            cache.batch_select_indices(inverse)  # row i continues from its prompt's cache
+            config = kwargs.get("generation_config")
+            if config is not None and config.cache_implementation == "static":
+                # the static cache generate() would make, filled with each row's prompt (a user cache excludes
+                # cache_implementation)
+                static = StaticCache(
+                    config=model.config, max_cache_len=input_ids.size(1) + config.max_new_tokens
+                )
+                for i, layer in enumerate(cache.layers):
+                    static.update(layer.keys[inverse], layer.values[inverse], i)
+                cache, kwargs["generation_config"] = static, copy.copy(config)
+                kwargs["generation_config"].cache_implementation = None
+            else:
+                cache.batch_select_indices(inverse)  # row i continues from its prompt's cache
             self.prompt_rows_shared += len(input_ids) - len(firsts)
             # generate() runs only the tokens the cache lacks: each row's last prompt token, then sampling
             return generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
@@ -228,6 +242,31 @@ class DeltaLGRPOTrainer(GRPOTrainer):
             yield
         finally:
             del model.generate  # the class's method again
+
+    # The loss types whose step gradient does not depend on how the step's rows are cut into micro-batches
+    # of equal size (TRL's bnpo does: it normalizes by each micro-batch's own token count).
+    _PARTITION_FREE_LOSSES = ("grpo", "dr_grpo", "dapo", "delta_l")
+
+    def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
+        """TRL's ``_prepare_inputs``, except that with ``forward_prompts_once`` the micro-batches are cut from
+        the generation batch *unshuffled*: TRL's sampler lays each prompt's completions out together, so a
+        micro-batch holds as few distinct prompts as possible (one, when it has num_generations rows) and the
+        loss forwards each of them once. The step's gradient is unchanged: one optimizer step per generation
+        batch sums every micro-batch, and these loss types do not depend on the partition."""
+        grouped = (
+            self.args.forward_prompts_once
+            and self.model.training
+            and self.num_iterations == 1
+            and self.args.steps_per_generation == self.args.gradient_accumulation_steps
+            and self.args.loss_type in self._PARTITION_FREE_LOSSES
+            and not self._is_vlm  # images: TRL's own splitting (and no prompt sharing)
+        )
+        if not grouped:
+            return super()._prepare_inputs(generation_batch)
+        if self._step % self.args.steps_per_generation == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            self._buffered_inputs = _trl_utils.split_tensor_dict(batch, self.args.steps_per_generation)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def _get_per_token_logps_and_entropies(
         self,

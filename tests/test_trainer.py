@@ -259,12 +259,12 @@ def test_cpu_compacted_lm_head_gives_exact_log_probs(tmp_path, generation_batch)
 
 
 # -- each prompt once: exact against TRL's own path ---------------------------------------------------------
-def sharing_trainer(tmp_path, share: bool):
+def sharing_trainer(tmp_path, share: bool, **overrides):
     """LoRA on the tiny model, two prompts of different token lengths (left padding) × 4 completions."""
     model, tokenizer = load_model_and_tokenizer("tiny")
     prompts = ["Count to 3.", "Count from one to twelve, then back down to one."]
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
-    args = DeltaLGRPOConfig(
+    config = dict(
         output_dir=str(tmp_path / f"share-{share}"),
         per_device_train_batch_size=8,
         num_generations=4,
@@ -279,6 +279,7 @@ def sharing_trainer(tmp_path, share: bool):
         prefill_prompts_once=share,
         forward_prompts_once=share,
     )
+    args = DeltaLGRPOConfig(**{**config, **overrides})
     trainer = DeltaLGRPOTrainer(
         model=model,
         processing_class=tokenizer,
@@ -292,10 +293,11 @@ def sharing_trainer(tmp_path, share: bool):
     return trainer, [row for row in data for _ in range(4)]
 
 
-def test_each_prompt_once_gives_the_same_completions_and_gradients(tmp_path):
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_each_prompt_once_gives_the_same_completions_and_gradients(tmp_path, cache):
     results = {}
     for share in (False, True):
-        trainer, rows = sharing_trainer(tmp_path, share)
+        trainer, rows = sharing_trainer(tmp_path, share, cache_implementation=cache)
         torch.manual_seed(0)
         with torch.no_grad():
             batch = trainer._generate_and_score_completions(rows)
@@ -314,6 +316,30 @@ def test_each_prompt_once_gives_the_same_completions_and_gradients(tmp_path):
     assert loss_shared == pytest.approx(loss_plain, rel=1e-5, abs=1e-8)
     assert grad_plain.norm() > 0
     torch.testing.assert_close(grad_shared, grad_plain, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_each_prompt_once_cuts_micro_batches_by_prompt(tmp_path, share):
+    """With forward_prompts_once the generation batch is split unshuffled (one prompt per micro-batch here),
+    otherwise TRL shuffles it; either way the step's gradient is the same."""
+    split = dict(per_device_train_batch_size=4, steps_per_generation=2, gradient_accumulation_steps=2)
+    trainer, rows = sharing_trainer(tmp_path, share, **split)
+    torch.manual_seed(0)
+    parts = []
+    for step in range(2):
+        trainer._step = step
+        parts.append(trainer._prepare_inputs(rows))
+    prompts = [{tuple(r) for r in part["prompt_ids"].tolist()} for part in parts]
+    if share:
+        assert [len(p) for p in prompts] == [1, 1] and prompts[0] != prompts[1]
+    batch = {
+        k: torch.cat([p[k] for p in parts]) for k, v in parts[0].items() if torch.is_tensor(v) and v.dim()
+    }
+    batch["advantages"] = torch.linspace(-1.0, 1.0, len(rows))
+    _, grad_parts = loss_and_grad(trainer, batch, splits=2)  # the micro-batches as _prepare_inputs cut them
+    mixed = {k: v[[0, 4, 1, 5, 2, 6, 3, 7]] if v.size(0) == len(rows) else v for k, v in batch.items()}
+    _, grad_mixed = loss_and_grad(trainer, mixed, splits=2)
+    torch.testing.assert_close(grad_parts, grad_mixed, rtol=1e-4, atol=1e-7)
 
 
 def test_each_prompt_once_log_probs_and_entropies_match_trl(tmp_path):
