@@ -20,7 +20,7 @@ What it measures
     ``max_completion_length=256``) and any ``DeltaLGRPOConfig`` field (``activation_checkpointing=true``,
     ``use_transformers_continuous_batching=true``), plus ``attn=eager|sdpa`` (the model's attention kernel),
     ``cpu_gqa=false`` (transformers' own ``repeat_kv`` instead of lab.trainer's grouped-query SDPA on CPU),
-    ``mmap_threshold=false`` (glibc's adaptive mmap threshold instead of lab.runner's fixed one) and
+    ``omp_wait_policy=ACTIVE`` (OpenMP threads spin while waiting, libgomp's default; lab.cli sets PASSIVE) and
     ``cb_max_memory_percent=0.02`` (continuous batching's KV-cache reservation; its default, 0.5, reserves half
     of the machine's memory).
 
@@ -29,6 +29,9 @@ Usage::
     .venv/bin/python benchmarks/cpu_step_profile.py                          # the demo as configured
     .venv/bin/python benchmarks/cpu_step_profile.py --steps 3 --repeats 2 \\
         --variant base: --variant mb4:micro_batch_size=4 --json out.json
+    .venv/bin/python benchmarks/cpu_step_profile.py --steps 4 --variant before:$BEFORE --variant after:
+    # BEFORE=prefill_prompts_once=false,forward_prompts_once=false,cache_implementation=none,cpu_gqa=false,
+    #        omp_wait_policy=ACTIVE   (the lab before issue 11)
     .venv/bin/python benchmarks/cpu_step_profile.py --quick                  # tiny model, smoke run
 
 Printed: per variant, the median over steps (after the first, which includes one-time set-up) of each phase,
@@ -189,8 +192,6 @@ def worker(settings: dict[str, Any], steps: int, model: str, threads: int | None
 
     settings = dict(settings)
     attn = settings.pop("attn", None)
-    if settings.pop("mmap_threshold", True) is False:  # keep glibc's adaptive threshold (lab.runner sets it)
-        runner.return_freed_tensors_to_the_os = lambda: False
     if settings.pop("cpu_gqa", True) is False:  # undo lab.trainer's grouped-query SDPA on CPU
         from transformers.integrations import sdpa_attention
 
@@ -357,6 +358,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_worker(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    settings = dict(settings)
+    env = dict(os.environ)
+    if (policy := settings.pop("omp_wait_policy", None)) is not None:  # read by libgomp at start-up
+        env["OMP_WAIT_POLICY"] = str(policy)
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         cmd = [
             sys.executable,
@@ -372,7 +377,7 @@ def run_worker(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, 
         ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
         return json.loads(Path(out.name).read_text())
 
 

@@ -7,8 +7,6 @@ prompts, seeds and sampling settings (a fair A/B), one run after another on one 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import importlib.util
 import math
@@ -290,24 +288,6 @@ def _set_threads(c: RunConfig) -> None:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-# glibc's mallopt parameter number (malloc.h) and the size from which allocations are mapped, not heap
-_M_MMAP_THRESHOLD = -3
-CPU_MMAP_THRESHOLD = 128 * 1024
-
-
-def return_freed_tensors_to_the_os() -> bool:
-    """On CPU with glibc, fix malloc's mmap threshold at 128 KiB so every tensor buffer is mapped on its own
-    and unmapped when freed. By default glibc raises the threshold after large frees (up to 32 MiB), so
-    activation-sized buffers then come from the heap, and freed ones stay resident and fragment it: on the
-    demo, the peak RSS grew to 4.5 GB where 3.5 GB was in use (benchmarks/cpu_step_profile.py). Returns
-    whether it was applied (not on other C libraries)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
-
-
 def _last_checkpoint(run_dir: Path) -> Path | None:
     ckpts = [p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if (p / "trainer_state.json").exists()]
     return max(ckpts, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
@@ -367,8 +347,6 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False) -
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
     _set_threads(c)
-    if not torch.cuda.is_available():
-        return_freed_tensors_to_the_os()
     random.seed(c.seed)
     torch.manual_seed(c.seed)
 

@@ -55,13 +55,20 @@ from lab.aggregation import check_alpha, delta_l_row_weights
 _trl_utils._use_triton = lambda device: device.type == "cpu" or _use_triton(device)
 
 # transformers' SDPA path copies the key/value heads up to the query heads (`repeat_kv`) whenever there is a
-# padding mask, because CUDA's fast kernels cannot take grouped heads with a mask. PyTorch's CPU flash kernel
-# can (`enable_gqa`, same output): on CPU that skips the copy, which autograd would otherwise keep for the
-# backward (SmolLM2: 9 query heads on 3 key/value heads, 0.34 GB per 8 x 458-token micro-batch) and halves
-# the attention time (benchmarks/cpu_step_profile.py).
+# padding mask and more than one query, because CUDA's fast kernels cannot take grouped heads with a mask.
+# PyTorch's CPU flash kernel can (`enable_gqa`, same output): on CPU that skips the copy, which autograd would
+# otherwise keep for the backward (SmolLM2: 9 query heads on 3 key/value heads; 0.34 GB of a 1.42 GB
+# micro-batch, benchmarks/cpu_step_profile.py) and halves the kernel's time. One-query steps (sampling) keep
+# transformers' own packing, which is faster there (0.64 vs 0.87 ms per call at the demo's shapes).
 _use_gqa_in_sdpa = _sdpa_attention.use_gqa_in_sdpa
 _sdpa_attention.use_gqa_in_sdpa = lambda attention_mask, key, value: (
-    (key.device.type == "cpu" and key.shape[-1] == value.shape[-1])
+    (
+        key.device.type == "cpu"
+        and isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dim() == 4
+        and attention_mask.shape[-2] > 1
+        and key.shape[-1] == value.shape[-1]
+    )
     or _use_gqa_in_sdpa(attention_mask, key, value)
 )
 

@@ -384,6 +384,9 @@ def test_grouped_query_sdpa_on_cpu_gives_the_same_logits_and_gradients(monkeypat
     mask[0, :4] = mask[1, :1] = 0  # left padding
     k = torch.randn(1, 2, 2, 8)
     assert sdpa_attention.use_gqa_in_sdpa(torch.ones(1, 1, 2, 2, dtype=torch.bool), k, k)
+    assert not sdpa_attention.use_gqa_in_sdpa(
+        torch.ones(1, 1, 1, 2, dtype=torch.bool), k, k
+    )  # one query: packed
     results = []
     for patched in (True, False):
         if not patched:
