@@ -16,7 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lab.aggregation import METHODS
+# OpenMP threads that spin while they wait take the CPU from anything else running on a small machine, and
+# then from each other: with one other busy process on 2 cores, sampling the demo's 16 completions took 42 s
+# with 2 spinning threads, 19 s with 1 thread, and 20 s with 2 threads that sleep instead (14.5 s with no
+# other job). libgomp reads this once when torch loads it, so it is set before the first torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from lab.aggregation import METHODS  # (imports torch: after the OpenMP setting)
 from lab.models import EMBEDDED_MODEL, PRESETS
 from lab.tasks import TASKS
 
@@ -154,6 +160,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report-to", default=None, help="comma list for TRL, e.g. wandb,tensorboard (default none)"
     )
+    p.add_argument(
+        "--vllm",
+        action="store_true",
+        help="generate with vLLM colocated in the training process (TRL use_vllm, vllm_mode=colocate); "
+        "needs a CUDA GPU and the vllm package",
+    )
+    p.add_argument(
+        "--vllm-gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="GPU memory fraction vLLM reserves with --vllm (default 0.3, TRL's)",
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument(
         "--seeds",
@@ -204,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, aggregator: str):
     from lab.runner import RunConfig
 
+    if args.vllm_gpu_memory_utilization is not None and not args.vllm:
+        raise ValueError("--vllm-gpu-memory-utilization applies only with --vllm")
     fields = {
         "task": args.task,
         "model": args.model,
@@ -227,6 +247,7 @@ def config_from_args(args: argparse.Namespace, aggregator: str):
         "threads": args.threads,
         "preset": args.preset,
         "length_range": args.length_range,
+        "vllm_gpu_memory_utilization": args.vllm_gpu_memory_utilization,
     }
     config = RunConfig(
         aggregator=aggregator,
@@ -235,6 +256,7 @@ def config_from_args(args: argparse.Namespace, aggregator: str):
         optimizer=args.optimizer,
         equalize_step_size=args.equalize_step_size,
         max_grad_norm=args.max_grad_norm,
+        vllm=args.vllm,
         **{k: v for k, v in fields.items() if v is not None},
     )
     if args.report_to:

@@ -8,6 +8,7 @@ prompts, seeds and sampling settings (a fair A/B), one run after another on one 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import random
@@ -86,6 +87,8 @@ class RunConfig:
     log_texts: bool = False
     report_to: list[str] = field(default_factory=list)
     comparison: str | None = None
+    vllm: bool = False  # generate with vLLM colocated in the training process (TRL's use_vllm), GPU only
+    vllm_gpu_memory_utilization: float = 0.3  # the GPU memory fraction vLLM reserves (TRL's default)
 
     def resolved(self) -> RunConfig:
         """A copy with every ``None`` filled in and every value checked (ValueError names the bad one)."""
@@ -125,6 +128,8 @@ class RunConfig:
         c.compare_gradients_every = c.compare_gradients_every or 0
         c.save_every = c.save_every or 5
         _check_numbers(c)
+        if c.vllm:
+            check_vllm(c.vllm_gpu_memory_utilization)
         return c
 
     @property
@@ -289,6 +294,50 @@ class RunLogCallback(TrainerCallback):
                 self.writer.log_probe(record)
 
 
+def check_vllm(gpu_memory_utilization: float) -> None:
+    """ValueError (before anything is created) unless vLLM can run here: importable, a CUDA GPU, a sane fraction."""
+    if not 0 < gpu_memory_utilization < 1:
+        raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization!r}")
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            "--vllm needs the vllm package, which is not installed in this environment: install a version TRL "
+            "supports on a CUDA machine (`pip install 'trl[vllm]'`), or drop --vllm to generate with transformers"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError("--vllm needs a CUDA GPU (vLLM does not run on this machine's CPU); drop --vllm")
+
+
+def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
+    """TRL/transformers switches that trade memory against time, per device (measured choices).
+
+    GPU: bf16 and activation checkpointing (TRL's defaults). CPU (measured on the demo, 2 cores:
+    benchmarks/cpu_step_profile.py, benchmarks/prompt_sharing.py): fp32 (bf16 was not faster), no
+    checkpointing, each distinct prompt prefilled once in generation and forwarded once per micro-batch in
+    the loss, micro-batches cut by prompt (all exact; lab.trainer) -- the demo's prompts are ~6x longer than
+    its completions and each is repeated num_generations times -- and a static KV cache for sampling
+    (transformers' own; the growing cache is re-copied at every token). vLLM: colocated.
+
+    The fast preset keeps TRL's plain path: its prompts are ~10 tokens (nothing to share), it reads the
+    aggregators' gradients off the training backward (which needs one forward per row), and its stored
+    results (benchmarks/results/fast_compare*.json) were measured that way. A run that compares gradients
+    keeps the plain loss forward for the same reason.
+    """
+    share = not on_gpu and c.preset != "fast"
+    settings: dict[str, Any] = {
+        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
+        "activation_checkpointing": on_gpu,
+        "prefill_prompts_once": share,
+        "forward_prompts_once": share and not c.compare_gradients_every,
+    }
+    if share:
+        settings["cache_implementation"] = "static"
+    if c.vllm:
+        settings.update(
+            use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=c.vllm_gpu_memory_utilization
+        )
+    return settings
+
+
 def _trl_args(c: RunConfig, run_dir: Path):
     from lab.trainer import DeltaLGRPOConfig
 
@@ -327,9 +376,8 @@ def _trl_args(c: RunConfig, run_dir: Path):
         seed=c.seed,
         data_seed=c.seed,
         use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=on_gpu,
         disable_tqdm=False,
+        **device_settings(c, on_gpu),
     )
 
 
@@ -480,10 +528,8 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, q
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
-        step = trainer.state.global_step
         if trainer.is_world_process_zero():
-            trainer._save_checkpoint(trainer.model, trial=None)  # TRL's own checkpoint format, for --resume
-            writer.set_status("interrupted", step, c.steps)
+            _save_interrupted(trainer, writer, c.steps)
         raise
     except Exception as err:
         if trainer.is_world_process_zero():
@@ -494,6 +540,22 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, q
     if trainer.is_world_process_zero():
         writer.set_status("finished", trainer.state.global_step, c.steps)
     return run_dir
+
+
+def _save_interrupted(trainer: Any, writer: RunWriter, max_steps: int) -> None:
+    """Mark an interrupted run, then checkpoint it for --resume (TRL's own format). The status comes first,
+    so a save that fails (or a Ctrl-C before the first step, when there is no optimizer to save yet) still
+    leaves the run marked "interrupted"; --resume then restarts from the last checkpoint on disk."""
+    step = trainer.state.global_step
+    writer.set_status("interrupted", step, max_steps)
+    if step == 0:
+        return
+    try:
+        trainer._save_checkpoint(trainer.model, trial=None)
+    except Exception as err:  # the logged steps are on disk; resume re-trains from the last checkpoint
+        writer.set_status(
+            "interrupted", step, max_steps, error=f"checkpoint not saved: {type(err).__name__}: {err}"
+        )
 
 
 def _config_record(c: RunConfig) -> dict[str, Any]:
@@ -610,10 +672,11 @@ def _run_parallel(todo: list[tuple[int, RunConfig, Path]], total: int, *, worker
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
+    stop = context.Event()  # set on Ctrl-C: a worker starts no queued run after it
     failures: list[str] = []
     interrupted = False
     with futures.ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_worker_init
+        max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(stop,)
     ) as pool:
         jobs = {}
         for i, c, run_dir in todo:
@@ -628,6 +691,7 @@ def _run_parallel(todo: list[tuple[int, RunConfig, Path]], total: int, *, worker
                     failures.append(f"{jobs[job]}: {result}")
         except KeyboardInterrupt:
             interrupted = True
+            stop.set()
             for job in jobs:
                 job.cancel()
             pool.shutdown(wait=True, cancel_futures=True)  # workers finish saving their checkpoints
@@ -637,9 +701,16 @@ def _run_parallel(todo: list[tuple[int, RunConfig, Path]], total: int, *, worker
         raise RuntimeError("runs failed (see their status.json): " + "; ".join(failures))
 
 
-def _worker_init() -> None:
+_stop_event: Any = None  # in a worker: the comparison's Ctrl-C event (_run_parallel)
+
+
+def _worker_init(stop: Any = None) -> None:
     import signal
     import warnings
+
+    global _stop_event
+    if stop is not None:
+        _stop_event = stop
 
     from transformers.utils import logging as hf_logging
 
@@ -656,12 +727,16 @@ def _worker_run(config: RunConfig, run_dir: str, resume: bool) -> str:
     so one failure or Ctrl-C does not break the pool)."""
     import signal
 
+    if _stop_event is not None and _stop_event.is_set():
+        return "not started (interrupted)"  # queued before Ctrl-C: the pool cannot take it back
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         train_run(config, run_dir, resume=resume, quiet=True)
         return "finished"
     except KeyboardInterrupt:
+        if _stop_event is not None:
+            _stop_event.set()  # before the parent may have: this worker takes no next run
         return "interrupted"
     except Exception as err:  # reported by the parent; status.json holds the run's own record
         return f"failed: {type(err).__name__}: {err}"

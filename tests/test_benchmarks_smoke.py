@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -37,6 +38,7 @@ def test_cpu_compare_summarizes_a_run_dir(tmp_path):
     assert s["aggregator"] == "delta_l" and s["state"] == "finished" and s["steps"] == 3
     assert s["wall_s"] == pytest.approx(31.5) and s["sum_step_time_s"] == pytest.approx(27.0)
     assert (s["reward_first"], s["reward_last"]) == (0.25, 0.75)
+    assert s["step_walls_s"] == [10.0, 10.0, 10.0]  # the first from config.json's "created"
 
 
 def test_cpu_compare_summarizes_an_empty_run_dir(tmp_path):
@@ -51,6 +53,21 @@ def test_cpu_compare_passes_unknown_arguments_through():
     assert extra == [*cpu_compare.QUICK_ARGS, "--threads", "2"]
     with pytest.raises(SystemExit):
         cpu_compare.parse_args(["--", "--out", "elsewhere"])
+
+
+def test_cpu_compare_train_runs_one_aggregator(monkeypatch, tmp_path):
+    cpu_compare = load("cpu_compare")
+    ran = []
+    monkeypatch.setattr(
+        cpu_compare.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or SimpleNamespace(returncode=0)
+    )
+    s = cpu_compare.main(
+        ["--train", "--out", str(tmp_path / "b"), "--quiet", "--", "--max-completion-length", "256"]
+    )
+    assert ran[0][2:] == ["lab.cli", *cpu_compare.TRAIN_ARGS, *cpu_compare.DEMO_FLAGS, "--out", str(tmp_path / "b"),
+                          "--max-completion-length", "256"]  # fmt: skip
+    assert s["runs"] == [] and s["median_step_s"] is None and not s["step_target_met"]
+    assert s["peak_rss_gb"] >= 0 and "rss_target_met" in s
 
 
 def test_qwen_throughput_defaults_follow_the_device():

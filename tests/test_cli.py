@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import torch
 from lab.aggregation import delta_l_row_weights
 from lab.cli import build_parser, main
 from lab.runlog import RunReader, read_json
+from lab.runner import RunConfig, device_settings
 from tests.helpers import free_port
 
 FAST = [
@@ -191,12 +195,73 @@ def test_ctrl_c_stops_parallel_workers_cleanly_and_resume_completes(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     states = {p.name: read_json(p / "status.json")["state"] for p in tmp_path.iterdir() if p.is_dir()}
     assert "interrupted" in states.values() and "running" not in states.values()
+    assert "finished" not in states.values(), states  # no queued run starts after Ctrl-C
     assert not (tmp_path / "verdict.json").exists()
     result = lab(*args[3:], "--resume", "--steps", "40")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("grpo-s0", "grpo-s1", "delta_l-s0", "delta_l-s1"):
         assert steps_of(tmp_path / name) == list(range(1, 41)), name
     assert read_json(tmp_path / "verdict.json")["seeds"] == 2
+
+
+class FakeTrainer:
+    """What lab.runner._save_interrupted uses of a trainer."""
+
+    def __init__(self, step: int, error: Exception | None = None):
+        self.state = types.SimpleNamespace(global_step=step)
+        self.model, self.error, self.saved = None, error, 0
+
+    def _save_checkpoint(self, model, trial):
+        if self.error is not None:
+            raise self.error
+        self.saved += 1
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "saved", "note"),
+    [
+        (3, None, 1, None),
+        (0, None, 0, None),
+        (3, OSError("disk full"), 0, "checkpoint not saved: OSError: disk full"),
+    ],
+)
+def test_an_interrupted_run_is_marked_even_when_its_checkpoint_cannot_be_saved(
+    tmp_path, step, error, saved, note
+):
+    from lab.runlog import RunWriter
+    from lab.runner import _save_interrupted
+
+    trainer, writer = FakeTrainer(step, error), RunWriter(tmp_path / "run")
+    writer.set_status("running", 0, 10)
+    _save_interrupted(trainer, writer, 10)
+    status = read_json(tmp_path / "run" / "status.json")
+    assert (status["state"], status["step"], status["error"], trainer.saved) == (
+        "interrupted",
+        step,
+        note,
+        saved,
+    )
+
+
+def test_a_worker_starts_no_queued_run_after_ctrl_c(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from lab import runner
+
+    stop = multiprocessing.get_context("spawn").Event()
+    monkeypatch.setattr(runner, "_stop_event", stop)
+    monkeypatch.setattr(runner, "train_run", lambda *a, **k: (tmp_path / "ran").mkdir())
+    monkeypatch.setattr(runner, "_worker_init", lambda stop=None: None)  # a worker's setup, not pytest's
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert runner._worker_run(RunConfig(), str(tmp_path / "r"), False) == "finished"
+        stop.set()
+        (tmp_path / "ran").rmdir()
+        assert runner._worker_run(RunConfig(), str(tmp_path / "r"), False) == "not started (interrupted)"
+        assert not (tmp_path / "ran").exists()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 class Exec(Exception):
@@ -235,6 +300,59 @@ def test_dashboard_on_the_network_warns(monkeypatch, capsys):
     assert "asks for LAB_LAUNCH_TOKEN" in err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["dashboard", "--port", "70000"])
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise(given, expected):
+    env = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"} | (
+        {"OMP_WAIT_POLICY": given} if given else {}
+    )
+    code = "import os, lab.cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
+
+
+def _pretend_vllm_is(installed: bool, monkeypatch) -> None:
+    find_spec = importlib.util.find_spec
+
+    def fake(name, *args):
+        if name == "vllm":
+            return importlib.machinery.ModuleSpec("vllm", None) if installed else None
+        return find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+
+
+@pytest.mark.parametrize(
+    ("installed", "extra", "match"),
+    [
+        (False, [], "--vllm needs the vllm package"),
+        (True, [], "--vllm needs a CUDA GPU"),
+        (True, ["--vllm-gpu-memory-utilization", "1.5"], "must be in (0, 1), got 1.5"),
+    ],
+)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
+def test_vllm_problems_are_named_before_anything_is_created(
+    tmp_path, capsys, monkeypatch, installed, extra, match
+):
+    _pretend_vllm_is(installed, monkeypatch)
+    out = tmp_path / "runs"
+    for command in (["train"], ["compare", "--aggregators", "grpo,delta_l"]):
+        assert main([*command, "--vllm", *extra, "--out", str(out), *FAST]) == 2
+        assert match in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_vllm_memory_fraction_needs_vllm(tmp_path, capsys):
+    assert main(["train", "--vllm-gpu-memory-utilization", "0.5", "--out", str(tmp_path / "x"), *FAST]) == 2
+    assert "applies only with --vllm" in capsys.readouterr().err
+
+
+def test_vllm_passes_trl_its_colocate_settings():
+    settings = device_settings(RunConfig(vllm=True, vllm_gpu_memory_utilization=0.45), on_gpu=True)
+    assert settings["use_vllm"] is True and settings["vllm_mode"] == "colocate"
+    assert settings["vllm_gpu_memory_utilization"] == 0.45
+    assert "use_vllm" not in device_settings(RunConfig(), on_gpu=True)
 
 
 @pytest.mark.slow

@@ -32,10 +32,10 @@ DEMO: dict[str, Any] = {
     "max_completion_length": 64,
     "temperature": 0.7,
     "top_p": 1.0,
-    # Run size of `lab compare` on CPU (2 cores): a step of 2 prompts x 8 completions (394 prompt + <=64
-    # completion tokens each) took 44 s here (19 s generation, 25 s LoRA forward/backward in 2 micro-batches
-    # of 8), so 4 steps x 4 aggregators fit in the 15-minute budget. Measured with
-    # `python benchmarks/cpu_compare.py` (see README "Benchmarks").
+    # Run size of `lab compare --preset smollm2-countdown` on CPU (2 cores): a step of 2 prompts x 8
+    # completions (394 prompt + <=64 completion tokens each) takes ~25 s with each prompt run once
+    # (lab.runner.device_settings; 148 s before, benchmarks/results/cpu_step_profile.smollm2.2core.json),
+    # so 4 steps x 4 aggregators take ~7 minutes. Measured with `python benchmarks/cpu_compare.py`.
     "steps": 4,
     "prompts_per_step": 2,
     "measured": {
