@@ -135,6 +135,14 @@ class DeltaLGRPOConfig(GRPOConfig):
             "cache among the rows that repeat it. Exact; ignored with gradient checkpointing."
         },
     )
+    compile_generation: bool = field(
+        default=False,
+        metadata={
+            "help": "Let transformers torch.compile the decode step (its auto-compile, CUDA only; needs "
+            "cache_implementation='static'). TRL builds its GenerationConfig with disable_compile=True, which "
+            "generation_kwargs cannot override."
+        },
+    )
 
     def __post_init__(self) -> None:
         # Fail at config time, not at step 100 inside _compute_loss.
@@ -148,6 +156,17 @@ class DeltaLGRPOConfig(GRPOConfig):
                 f"equalize_step_size needs loss_type in {SCALED_LOSS_TYPES}, got {self.loss_type!r}"
             )
         super().__post_init__()
+        if self.compile_generation and (
+            self.cache_implementation != "static"
+            or self.use_vllm
+            or self.use_transformers_continuous_batching
+        ):
+            raise ValueError(
+                "compile_generation needs cache_implementation='static' and transformers' generate (no vLLM, no "
+                f"continuous batching); got cache_implementation={self.cache_implementation!r}, "
+                f"use_vllm={self.use_vllm}, use_transformers_continuous_batching="
+                f"{self.use_transformers_continuous_batching}"
+            )
 
 
 class DeltaLGRPOTrainer(GRPOTrainer):
@@ -160,6 +179,8 @@ class DeltaLGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.compile_generation:  # TRL hard-codes disable_compile=True in its GenerationConfig
+            self.generation_config.disable_compile = False
         self.generation_records: list[dict[str, Any]] = []
         self.log_completion_texts = False  # set True to keep the completion texts in generation_records
         # Callables hook(trainer, generation_batch) run after each generation (e.g. lab.probes' gradient probe).
