@@ -64,10 +64,10 @@ from qwen_throughput import _versions, dtype_for, offline_tokenizer, peak_memory
 from lab.runner import GENERATION_PATHS
 
 ARMS: dict[str, dict[str, Any]] = GENERATION_PATHS  # the arms are `lab train --generation` choices
-DEFAULT_ARMS = ("generate", "continuous-batching", "static-cache", "static-compile", "prefill-once")
+DEFAULT_ARMS = ("generate", "continuous-batching", "static-cache", "prefill-once", "static-compile")
 BASELINE = "generate"
 COMPILED_ARMS = ("static-compile",)  # warmed up at the full shape: compilation is specialised to it
-GPU_DEFAULTS = dict(prompts=16, num_generations=8, max_completion_length=256, prompt_len=128, passes=2)
+GPU_DEFAULTS = dict(prompts=16, num_generations=8, max_completion_length=512, prompt_len=128, passes=2)
 CPU_DEFAULTS = dict(prompts=2, num_generations=4, max_completion_length=32, prompt_len=32, passes=2)
 QUICK_DEFAULTS = dict(prompts=2, num_generations=4, max_completion_length=16, prompt_len=16, passes=2)
 TINY_SHAPE = dict(  # --quick: Qwen2.5's structure (GQA, tied embeddings, bias on q/k/v) at toy size
@@ -94,7 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-completion-length", type=int, default=None, help="M, tokens per completion")
     p.add_argument("--prompt-len", type=int, default=None, help="P: prompts have 3/4 P to P tokens")
     p.add_argument("--passes", type=int, default=None, help="timed passes over the arms (alternating order)")
-    p.add_argument("--budget-s", type=float, default=None, help="bound on the timed passes (default: none)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="after the first pass, start an arm's rep only if the run so far (builds and warmups included) "
+        "plus that arm's last rep fits in this many seconds (default: no bound)",
+    )
     p.add_argument("--cb-config", type=json.loads, default=None, help="JSON for ContinuousBatchingConfig")
     p.add_argument(
         "--lora", action=argparse.BooleanOptionalAction, default=True, help="the lab's LoRA preset"
@@ -235,10 +241,18 @@ def generate_once(trainer, prompt_ids: list[list[int]], num_generations: int, de
     }
 
 
-def is_compiled(model) -> bool:
-    """Whether transformers compiled the decode step (``get_compiled_call`` stores it on the base model)."""
+def is_compiled(trainer) -> bool:
+    """Whether this arm's decode steps ran compiled: compilation allowed, and transformers made the compiled
+    call (``get_compiled_call`` keeps it on the base model, shared by all arms, hence the first test)."""
+    model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return hasattr(base, "_compiled_call")
+    return not trainer.generation_config.disable_compile and hasattr(base, "_compiled_call")
+
+
+def tensors(model):
+    """Parameters and buffers (RoPE's inv_freq is one), as ``Module.to(dtype)`` casts both."""
+    yield from model.named_parameters()
+    yield from (("buffer:" + name, buf) for name, buf in model.named_buffers())
 
 
 def error_text(err: BaseException) -> str:
@@ -254,6 +268,8 @@ def run_arms(model, tokenizer, args: argparse.Namespace, result: dict[str, Any],
     arms: dict[str, dict[str, Any]] = result["arms"]
     trainers: dict[str, Any] = {}
     vocab = model.config.vocab_size
+    dtypes = {name: tensor.dtype for name, tensor in tensors(model)}
+    result["param_dtypes"] = sorted({str(d).removeprefix("torch.") for d in dtypes.values()})
     started = time.perf_counter()
     for rep in range(args.passes):
         order = list(args.arms) if rep % 2 == 0 else list(reversed(args.arms))
@@ -273,7 +289,9 @@ def run_arms(model, tokenizer, args: argparse.Namespace, result: dict[str, Any],
             try:
                 measured = generate_once(trainers[arm], prompts, args.num_generations, args.device)
                 arms[arm]["reps"].append({"pass": rep, **measured})
-                arms[arm]["compiled"] = is_compiled(trainers[arm].model)
+                arms[arm]["compiled"] = is_compiled(trainers[arm])
+                # the arms share the model: none may leave it changed (lab.trainer undoes TRL's bf16 cast)
+                arms[arm]["dtypes_kept"] = all(t.dtype == dtypes[n] for n, t in tensors(model))
             except Exception as err:  # an unsupported path is a finding, not a crash
                 arms[arm]["error"] = error_text(err)
                 _progress(f"{arm}: FAILED {arms[arm]['error']}")

@@ -306,14 +306,16 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         plain = not (
             self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields
         )
+        model = self.accelerator.unwrap_model(self.model_wrapped)
         sharing = (
-            self._prompt_prefill_shared(self.accelerator.unwrap_model(self.model_wrapped))
+            self._prompt_prefill_shared(model)
             if self.args.prefill_prompts_once
             and plain
             and self.generation_config.cache_implementation in (None, "static")
             else contextlib.nullcontext()
         )
-        with sharing:
+        casts = self.use_transformers_continuous_batching and (self.args.bf16 or self.args.fp16)
+        with sharing, _dtypes_kept(model) if casts else contextlib.nullcontext():
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
@@ -511,6 +513,23 @@ class DeltaLGRPOTrainer(GRPOTrainer):
                 c if isinstance(c, str) else c[-1]["content"] for c in list(self._logs["completion"])[-n:]
             ]
         self.generation_records.append(record)
+
+
+@contextlib.contextmanager
+def _dtypes_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Give the model its own parameters and buffers back afterwards. TRL's continuous-batching path casts the
+    whole model to bf16/fp16 before it generates (``model.to``), LoRA adapters (kept in float32 by peft) and
+    RoPE's ``inv_freq`` included, so training would go on with half-precision adapters and AdamW states,
+    rounded again at every generation. ``Module.to`` swaps in new tensors, so the originals come back exact."""
+    params = [(p, p.data) for p in model.parameters()]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    try:
+        yield
+    finally:
+        for param, data in params:
+            param.data = data
+        for module, name, buffer in buffers:
+            module._buffers[name] = buffer
 
 
 def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
