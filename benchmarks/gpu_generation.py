@@ -21,19 +21,22 @@ What it measures
                            by its num_generations completions
     Each arm is exactly ``lab train --generation <arm>`` on a GPU (``lab.runner.GENERATION_PATHS``).
 
-    Order: every arm is warmed up once (a few tokens; the compiled arm at the full shape, so compilation
-    is not timed but reported as ``warmup_s``), then timed in passes, alternately forward (A B C D) and
-    reversed (D C B A). Each pass uses fresh random prompts (the same for every arm) of 3/4 P to P tokens,
-    left-padded to P as TRL pads them. Reported per arm: generated tokens (counted: completions end at EOS,
-    which random weights rarely sample), median tokens/s over passes, its ratio to ``generate``, peak
-    memory (CUDA: ``torch.cuda.max_memory_allocated`` during the call and its excess over what was
-    allocated before; CPU: peak RSS of the process, monotonic), whether the decode step was compiled, the
-    device, the load. An arm that fails records its error and the others go on. ``--budget-s`` bounds the
-    timed passes: after the first pass, a rep starts only if the arm's last rep fits in what is left.
+    Order: pass 1 builds, warms up (a few tokens; the compiled arm at the full shape, so compilation is
+    not timed but reported as ``warmup_s``) and times each arm in turn; later passes time them again,
+    alternately reversed (A B C D, D C B A, ...). Each pass uses fresh random prompts (the same for every
+    arm) of 3/4 P to P tokens, left-padded to P as TRL pads them. TRL's continuous-batching path casts the
+    model to bf16, LoRA adapters included; lab.trainer gives it back, so the arms share one model unchanged
+    (``dtypes_kept``). Reported per arm: generated tokens (counted: a completion ends at EOS, which random
+    weights rarely sample), median tokens/s over passes and its ratio to ``generate``, peak memory (CUDA:
+    ``torch.cuda.max_memory_allocated`` during the call and its excess over what was allocated before; CPU:
+    the process's peak RSS, monotonic), whether the decode step ran compiled; and the device, the load. An
+    arm that fails records its error and the others go on. ``--budget-s`` bounds the arms' time; the JSON
+    is rewritten after every rep, so a run stopped by a timeout keeps what it measured.
 
 How to run
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gpu_generation.py --quick        # CPU smoke (< 2 min)
-    python benchmarks/gpu_generation.py --size 0.5b --json gen05.json              # GPU, ~2 min
+    python benchmarks/gpu_generation.py --size 0.5b --json gen05.json              # GPU, 16 x 8 x 512 tokens
+    python benchmarks/gpu_generation.py --size 1.5b --max-completion-length 256 --budget-s 90   # as gpu_checks
     python benchmarks/gpu_generation.py --size 1.5b --arms generate,static-compile --passes 4
 
 No model hub and no packages beyond the lab's: the model is built from its config and the trainer gets a
@@ -64,7 +67,8 @@ from qwen_throughput import _versions, dtype_for, offline_tokenizer, peak_memory
 from lab.runner import GENERATION_PATHS
 
 ARMS: dict[str, dict[str, Any]] = GENERATION_PATHS  # the arms are `lab train --generation` choices
-DEFAULT_ARMS = ("generate", "continuous-batching", "static-cache", "prefill-once", "static-compile")
+# most likely to matter first: a run cut short by a timeout loses the last ones
+DEFAULT_ARMS = ("generate", "continuous-batching", "static-compile", "static-cache", "prefill-once")
 BASELINE = "generate"
 COMPILED_ARMS = ("static-compile",)  # warmed up at the full shape: compilation is specialised to it
 GPU_DEFAULTS = dict(prompts=16, num_generations=8, max_completion_length=512, prompt_len=128, passes=2)
@@ -98,8 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget-s",
         type=float,
         default=None,
-        help="after the first pass, start an arm's rep only if the run so far (builds and warmups included) "
-        "plus that arm's last rep fits in this many seconds (default: no bound)",
+        help="seconds for the arms (builds and warmups included): an arm's first rep starts only while some "
+        "are left, a later one only if the arm's last rep fits in what is left (default: no bound)",
     )
     p.add_argument("--cb-config", type=json.loads, default=None, help="JSON for ContinuousBatchingConfig")
     p.add_argument(
@@ -277,6 +281,9 @@ def run_arms(model, tokenizer, args: argparse.Namespace, result: dict[str, Any],
         for arm in order:
             if rep == 0:
                 arms[arm] = {"overrides": ARMS[arm], "reps": [], "error": None}
+                if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                    arms[arm]["error"] = f"not run: the {args.budget_s:g} s budget was spent before its turn"
+                    continue
                 trainers[arm] = warm_up(model, tokenizer, args, arm, arms[arm], workdir)
                 _write(args, result)
             if trainers.get(arm) is None:
