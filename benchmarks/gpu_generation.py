@@ -441,7 +441,7 @@ def print_table(r: dict[str, Any]) -> None:
     )
     for name, a in r["arms"].items():
         if "tokens_per_s" not in a:
-            print(f"{name:<22}{0:>5}  FAILED: {a['error']}")
+            print(f"{name:<22}{0:>5}  {'' if a['error'].startswith('not run') else 'FAILED: '}{a['error']}")
             continue
         ratio = a.get("ratio_to_generate")
         notes = ("compiled " if a.get("compiled") else "") + (
