@@ -69,7 +69,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    from lab.runner import OPTIMIZERS, RUN_PRESETS
+    from lab.runner import GENERATION_CHOICES, OPTIMIZERS, RUN_PRESETS
 
     p.add_argument(
         "--preset",
@@ -172,6 +172,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="GPU memory fraction vLLM reserves with --vllm (default 0.3, TRL's)",
     )
+    p.add_argument(
+        "--generation",
+        default=None,
+        choices=list(GENERATION_CHOICES),
+        help="TRL's generation path: auto (default: plain generate on a GPU; on CPU a static cache with each "
+        "prompt prefilled once, except for the fast preset), generate, continuous-batching (GPU), static-cache, "
+        "static-compile (GPU), prefill-once; benchmarks/gpu_generation.py measures them",
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument(
         "--seeds",
@@ -248,6 +256,7 @@ def config_from_args(args: argparse.Namespace, aggregator: str):
         "preset": args.preset,
         "length_range": args.length_range,
         "vllm_gpu_memory_utilization": args.vllm_gpu_memory_utilization,
+        "generation": args.generation,
     }
     config = RunConfig(
         aggregator=aggregator,

@@ -32,6 +32,21 @@ CHECKPOINTS = "checkpoints"
 #: Named bundles of defaults: ``fast`` (the default main job) and the SmolLM2 CountDown demo.
 RUN_PRESETS: dict[str, dict[str, Any]] = {"fast": FAST, "smollm2-countdown": DEMO}
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}  # --optimizer → transformers' optim name
+#: ``--generation``: TRL's generation paths as GRPOConfig/DeltaLGRPOConfig fields (benchmarks/gpu_generation.py
+#: measures each). ``auto`` (the default) is :func:`device_settings`' per-device choice.
+GENERATION_PATHS: dict[str, dict[str, Any]] = {
+    "generate": {},  # transformers' generate with a dynamic KV cache (TRL's default)
+    "continuous-batching": {"use_transformers_continuous_batching": True},  # transformers' paged engine
+    "static-cache": {"cache_implementation": "static"},
+    "static-compile": {"cache_implementation": "static", "compile_generation": True},  # CUDA only
+    "prefill-once": {"prefill_prompts_once": True},  # the lab's: each prompt prefilled once (lab.trainer)
+}
+GENERATION_CHOICES = ("auto", *GENERATION_PATHS)
+GPU_ONLY_GENERATION = {  # why each is refused without CUDA
+    "static-compile": "transformers compiles generation only there; use --generation static-cache",
+    "continuous-batching": "on CPU transformers sizes its KV cache at half the machine's RAM, and it was slower "
+    "than generate there (benchmarks/gpu_generation.py --quick)",
+}
 #: Defaults outside the presets (a Qwen2.5 model on a GPU, the paper-like setting).
 GENERAL = {"steps": 200, "prompts_per_step": 16, "num_generations": 8, "max_completion_length": 1024,
            "temperature": 1.0, "shaped": False, "learning_rate": {"adamw": 2e-5, "sgd": 1e-3}}  # fmt: skip
@@ -89,6 +104,7 @@ class RunConfig:
     comparison: str | None = None
     vllm: bool = False  # generate with vLLM colocated in the training process (TRL's use_vllm), GPU only
     vllm_gpu_memory_utilization: float = 0.3  # the GPU memory fraction vLLM reserves (TRL's default)
+    generation: str = "auto"  # a GENERATION_CHOICES entry: TRL's generation path (auto: per device)
 
     def resolved(self) -> RunConfig:
         """A copy with every ``None`` filled in and every value checked (ValueError names the bad one)."""
@@ -128,6 +144,7 @@ class RunConfig:
         c.compare_gradients_every = c.compare_gradients_every or 0
         c.save_every = c.save_every or 5
         _check_numbers(c)
+        check_generation(c.generation, c.vllm)
         if c.vllm:
             check_vllm(c.vllm_gpu_memory_utilization)
         return c
@@ -307,6 +324,20 @@ def check_vllm(gpu_memory_utilization: float) -> None:
         raise ValueError("--vllm needs a CUDA GPU (vLLM does not run on this machine's CPU); drop --vllm")
 
 
+def check_generation(generation: str, vllm: bool) -> None:
+    """ValueError unless ``generation`` names a path that can run here (and vLLM is not also asked for)."""
+    if generation not in GENERATION_CHOICES:
+        raise ValueError(
+            f"unknown generation path {generation!r}; expected one of {', '.join(GENERATION_CHOICES)}"
+        )
+    if vllm and generation != "auto":
+        raise ValueError(
+            f"--generation {generation} cannot be combined with --vllm (vLLM does the generation)"
+        )
+    if generation in GPU_ONLY_GENERATION and not torch.cuda.is_available():
+        raise ValueError(f"--generation {generation} needs a CUDA GPU: {GPU_ONLY_GENERATION[generation]}")
+
+
 def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
     """TRL/transformers switches that trade memory against time, per device (measured choices).
 
@@ -315,7 +346,8 @@ def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
     checkpointing, each distinct prompt prefilled once in generation and forwarded once per micro-batch in
     the loss, micro-batches cut by prompt (all exact; lab.trainer) -- the demo's prompts are ~6x longer than
     its completions and each is repeated num_generations times -- and a static KV cache for sampling
-    (transformers' own; the growing cache is re-copied at every token). vLLM: colocated.
+    (transformers' own; the growing cache is re-copied at every token). vLLM: colocated. ``--generation``
+    other than ``auto`` replaces the generation settings with exactly that :data:`GENERATION_PATHS` entry.
 
     The fast preset keeps TRL's plain path: its prompts are ~10 tokens (nothing to share), it reads the
     aggregators' gradients off the training backward (which needs one forward per row), and its stored
@@ -326,10 +358,12 @@ def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "bf16": on_gpu and torch.cuda.is_bf16_supported(),
         "activation_checkpointing": on_gpu,
-        "prefill_prompts_once": share,
+        "prefill_prompts_once": share and c.generation == "auto",
         "forward_prompts_once": share and not c.compare_gradients_every,
     }
-    if share:
+    if c.generation != "auto":
+        settings.update(GENERATION_PATHS[c.generation])
+    elif share:
         settings["cache_implementation"] = "static"
     if c.vllm:
         settings.update(

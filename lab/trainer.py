@@ -135,6 +135,14 @@ class DeltaLGRPOConfig(GRPOConfig):
             "cache among the rows that repeat it. Exact; ignored with gradient checkpointing."
         },
     )
+    compile_generation: bool = field(
+        default=False,
+        metadata={
+            "help": "Let transformers torch.compile the decode step (its auto-compile, CUDA only; needs "
+            "cache_implementation='static'). TRL builds its GenerationConfig with disable_compile=True, which "
+            "generation_kwargs cannot override."
+        },
+    )
 
     def __post_init__(self) -> None:
         # Fail at config time, not at step 100 inside _compute_loss.
@@ -148,6 +156,17 @@ class DeltaLGRPOConfig(GRPOConfig):
                 f"equalize_step_size needs loss_type in {SCALED_LOSS_TYPES}, got {self.loss_type!r}"
             )
         super().__post_init__()
+        if self.compile_generation and (
+            self.cache_implementation != "static"
+            or self.use_vllm
+            or self.use_transformers_continuous_batching
+        ):
+            raise ValueError(
+                "compile_generation needs cache_implementation='static' and transformers' generate (no vLLM, no "
+                f"continuous batching); got cache_implementation={self.cache_implementation!r}, "
+                f"use_vllm={self.use_vllm}, use_transformers_continuous_batching="
+                f"{self.use_transformers_continuous_batching}"
+            )
 
 
 class DeltaLGRPOTrainer(GRPOTrainer):
@@ -160,6 +179,8 @@ class DeltaLGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.compile_generation:  # TRL hard-codes disable_compile=True in its GenerationConfig
+            self.generation_config.disable_compile = False
         self.generation_records: list[dict[str, Any]] = []
         self.log_completion_texts = False  # set True to keep the completion texts in generation_records
         # Callables hook(trainer, generation_batch) run after each generation (e.g. lab.probes' gradient probe).
@@ -285,14 +306,16 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         plain = not (
             self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields
         )
+        model = self.accelerator.unwrap_model(self.model_wrapped)
         sharing = (
-            self._prompt_prefill_shared(self.accelerator.unwrap_model(self.model_wrapped))
+            self._prompt_prefill_shared(model)
             if self.args.prefill_prompts_once
             and plain
             and self.generation_config.cache_implementation in (None, "static")
             else contextlib.nullcontext()
         )
-        with sharing:
+        casts = self.use_transformers_continuous_batching and (self.args.bf16 or self.args.fp16)
+        with sharing, _dtypes_kept(model) if casts else contextlib.nullcontext():
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
@@ -490,6 +513,23 @@ class DeltaLGRPOTrainer(GRPOTrainer):
                 c if isinstance(c, str) else c[-1]["content"] for c in list(self._logs["completion"])[-n:]
             ]
         self.generation_records.append(record)
+
+
+@contextlib.contextmanager
+def _dtypes_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Give the model its own parameters and buffers back afterwards. TRL's continuous-batching path casts the
+    whole model to bf16/fp16 before it generates (``model.to``), LoRA adapters (kept in float32 by peft) and
+    RoPE's ``inv_freq`` included, so training would go on with half-precision adapters and AdamW states,
+    rounded again at every generation. ``Module.to`` swaps in new tensors, so the originals come back exact."""
+    params = [(p, p.data) for p in model.parameters()]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    try:
+        yield
+    finally:
+        for param, data in params:
+            param.data = data
+        for module, name, buffer in buffers:
+            module._buffers[name] = buffer
 
 
 def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

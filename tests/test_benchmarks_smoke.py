@@ -134,3 +134,43 @@ def test_stored_variance_measurement_matches_its_rows():
     )
     assert stored["n"] == fit["n"] >= 64 and len(set(rows["prompt"])) >= 8
     assert (stored["lengths_min"], stored["lengths_max"]) == (min(rows["length"]), max(rows["length"]))
+
+
+def test_gpu_generation_quick_measures_every_arm_through_the_trainer(tmp_path):
+    gen = load("gpu_generation")
+    out = tmp_path / "gen.json"
+    result = gen.main(["--quick", "--device", "cpu", "--threads", "1", "--json", str(out)])
+    stored = json.loads(out.read_text())
+    assert stored["arms"].keys() == result["arms"].keys() == set(gen.DEFAULT_ARMS)
+    for key in ("device", "device_name", "load_before", "load_after", "shape", "versions", "fastest"):
+        assert key in stored, key
+    for name, arm in stored["arms"].items():
+        assert arm["error"] or arm["tokens_per_s"] > 0, name  # measured, or failed with its reason
+        assert arm["error"] is None or isinstance(arm["error"], str)
+    assert stored["arms"]["generate"]["ratio_to_generate"] == 1.0
+    # the same sampling in every arm; only the generation path's own fields differ
+    path_fields = ("cache_implementation", "disable_compile", "continuous_batching", "prefill_prompts_once")
+    sampling = [
+        {k: v for k, v in a["sampling"].items() if k not in path_fields} for a in stored["arms"].values()
+    ]
+    assert all(s == sampling[0] for s in sampling)
+    assert sampling[0] | {"max_new_tokens": None} == {
+        "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None,
+        "repetition_penalty": 1.0, "max_new_tokens": None,
+    }  # fmt: skip
+    compiled = stored["arms"]["static-compile"]["sampling"]
+    assert compiled["cache_implementation"] == "static" and compiled["disable_compile"] is False
+    assert stored["arms"]["continuous-batching"]["sampling"]["continuous_batching"] is True
+    assert stored["arms"]["prefill-once"]["sampling"]["prefill_prompts_once"] is True
+
+
+def test_gpu_generation_arms_are_the_lab_generation_flag():
+    gen = load("gpu_generation")
+    from lab.runner import GENERATION_CHOICES
+
+    assert set(gen.ARMS) == set(GENERATION_CHOICES) - {"auto"}
+    args = gen.parse_args(["--device", "cuda", "--arms", "static-cache,generate"])
+    assert args.arms == ["generate", "static-cache"]  # the baseline first
+    assert (args.prompts, args.num_generations) == (16, 8)
+    with pytest.raises(SystemExit):
+        gen.parse_args(["--arms", "generate,vllm"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lab.aggregation import delta_l_row_weights
-from lab.cli import build_parser, main
+from lab.cli import build_parser, config_from_args, main
 from lab.runlog import RunReader, read_json
 from lab.runner import RunConfig, device_settings
 from tests.helpers import free_port
@@ -353,6 +353,87 @@ def test_vllm_passes_trl_its_colocate_settings():
     assert settings["use_vllm"] is True and settings["vllm_mode"] == "colocate"
     assert settings["vllm_gpu_memory_utilization"] == 0.45
     assert "use_vllm" not in device_settings(RunConfig(), on_gpu=True)
+
+
+def test_generation_flag_reaches_the_run_config(tmp_path):
+    parse = build_parser().parse_args
+    args = parse(["train", "--generation", "static-cache", "--out", str(tmp_path), *FAST])
+    assert config_from_args(args, "delta_l").generation == "static-cache"
+    assert config_from_args(parse(["train", "--out", str(tmp_path), *FAST]), "delta_l").generation == "auto"
+
+
+def test_unknown_generation_path_is_named(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--generation", "paged", "--out", "x"])
+    assert "'paged'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown generation path 'paged'"):
+        RunConfig(model="tiny", generation="paged").resolved()  # callers other than the cli
+
+
+def test_generation_cannot_be_combined_with_vllm(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["train", "--generation", "static-cache", "--vllm", "--out", str(out), *FAST]) == 2
+    assert "--generation static-cache cannot be combined with --vllm" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("path", ["continuous-batching", "static-compile"])
+def test_gpu_only_generation_paths_are_refused_without_cuda(tmp_path, capsys, monkeypatch, path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "runs"
+    assert (
+        main(["compare", "--aggregators", "grpo,delta_l", "--generation", path, "--out", str(out), *FAST])
+        == 2
+    )
+    assert f"--generation {path} needs a CUDA GPU" in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert RunConfig(model="tiny", generation=path).resolved().generation == path
+
+
+GENERATION_FIELDS = ("cache_implementation", "compile_generation", "use_transformers_continuous_batching")
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("generate", {}),
+        ("continuous-batching", {"use_transformers_continuous_batching": True}),
+        ("static-cache", {"cache_implementation": "static"}),
+        ("static-compile", {"cache_implementation": "static", "compile_generation": True}),
+        ("prefill-once", {"prefill_prompts_once": True}),
+    ],
+)
+def test_device_settings_map_each_generation_path_to_trl_fields(tmp_path, path, expected):
+    from lab.trainer import DeltaLGRPOConfig
+
+    for on_gpu in (True, False):  # an explicit path is the same on both devices
+        settings = device_settings(RunConfig(model="tiny", generation=path), on_gpu=on_gpu)
+        got = {k: settings[k] for k in (*GENERATION_FIELDS, "prefill_prompts_once") if settings.get(k)}
+        assert got == expected, (path, on_gpu)
+        assert settings["activation_checkpointing"] is on_gpu
+        # TRL accepts it (and, for the compiled path, lab's own check that the cache is static passes)
+        config = DeltaLGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **expected)
+        assert config.use_transformers_continuous_batching is bool(
+            expected.get("use_transformers_continuous_batching")
+        )
+
+
+def test_auto_generation_keeps_each_devices_settings():
+    gpu = device_settings(RunConfig(model="tiny"), on_gpu=True)
+    assert not any(gpu.get(k) for k in (*GENERATION_FIELDS, "prefill_prompts_once"))  # TRL's generate
+    cpu = device_settings(RunConfig(model="tiny"), on_gpu=False)  # the demo's measured CPU settings
+    assert cpu["cache_implementation"] == "static" and cpu["prefill_prompts_once"] is True
+    plain = device_settings(RunConfig(model="tiny", generation="generate"), on_gpu=False)
+    assert "cache_implementation" not in plain and plain["prefill_prompts_once"] is False
+    assert plain["forward_prompts_once"] == cpu["forward_prompts_once"]  # the loss side is not generation
+
+
+def test_compiled_generation_needs_a_static_cache(tmp_path):
+    from lab.trainer import DeltaLGRPOConfig
+
+    with pytest.raises(ValueError, match="compile_generation needs cache_implementation='static'"):
+        DeltaLGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], compile_generation=True)
 
 
 @pytest.mark.slow

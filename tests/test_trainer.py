@@ -319,6 +319,31 @@ def sharing_trainer(tmp_path, share: bool, **overrides):
     return trainer, [row for row in data for _ in range(4)]
 
 
+def test_continuous_batching_gives_the_model_its_float32_adapters_back(tmp_path):
+    """TRL's continuous-batching path casts the whole model to bf16 (under bf16=True) before it generates; the
+    lab's trainer gives back the exact float32 LoRA weights and buffers, so training does not go on in bf16."""
+    small_cache = {"page_size": 32, "num_blocks": 16, "max_batch_tokens": 256}  # not half the RAM
+    trainer, _ = sharing_trainer(
+        tmp_path,
+        share=False,
+        use_transformers_continuous_batching=True,
+        transformers_continuous_batching_config=small_cache,
+    )
+    trainer.args.bf16 = True  # the cast TRL makes on a GPU (it reads the flag when it generates)
+    model = trainer.model
+    state = lambda: {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}  # noqa: E731
+    before = state()
+    assert {t.dtype for t in before.values()} == {torch.float32}
+    prompts = [[5, 6, 7, 8]] * 4 + [[9, 10]] * 4
+    completions, _ = trainer._generate_single_turn(prompts, None, {}, 4)
+    assert len(completions) == 8 and all(completions)
+    after = state()
+    assert after.keys() == before.keys()
+    assert all(after[n].dtype == before[n].dtype and torch.equal(after[n], before[n]) for n in before)
+    GRPOTrainer._generate_single_turn(trainer, prompts, None, {}, 4)  # TRL's own: the cast stays
+    assert {t.dtype for t in state().values()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_each_prompt_once_gives_the_same_completions_and_gradients(tmp_path, cache):
     results = {}
