@@ -279,10 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         return serve_dashboard(args)
 
     from lab.models import ModelUnavailableError
-    from lab.runner import run_comparison, run_defaults
+    from lab.runner import raise_keyboard_interrupt, run_comparison, run_defaults
 
     aggregators = [args.aggregator] if args.command == "train" else args.aggregators
-    signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop = Ctrl-C: save, mark, exit
+    signal.signal(
+        signal.SIGTERM, raise_keyboard_interrupt
+    )  # a process manager's stop = Ctrl-C: save, mark, exit
     try:
         config = config_from_args(args, aggregators[0])
         defaults = run_defaults(config)
@@ -353,10 +355,6 @@ def serve_dashboard(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         os.execv(command[0], command)  # no child left holding the port after SIGTERM/SIGKILL
     return subprocess.call(command)  # elsewhere: the console delivers Ctrl-C to both
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _close_distributed() -> None:

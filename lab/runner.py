@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from lab.aggregation import METHODS, check_alpha, counterfactual_cv
 from lab.models import EMBEDDED_MODEL, load_model_and_tokenizer, lora_config, model_path, resolve_preset
-from lab.runlog import CONFIG, RunWriter, read_json, run_id, run_label
+from lab.runlog import CONFIG, METRICS, STATUS, RunWriter, read_json, run_id, run_label
 from lab.tasks import DEMO, FAST, TASKS, get_task
 
 CHECKPOINTS = "checkpoints"
@@ -355,16 +355,17 @@ def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
     keeps the plain loss forward for the same reason.
     """
     share = not on_gpu and c.preset != "fast"
+    if c.generation != "auto":
+        generation = GENERATION_PATHS[c.generation]
+    else:  # GPU and the fast preset: TRL's generate; CPU: a static cache, each prompt prefilled once
+        generation = {**GENERATION_PATHS["static-cache"], **GENERATION_PATHS["prefill-once"]} if share else {}
     settings: dict[str, Any] = {
         "bf16": on_gpu and torch.cuda.is_bf16_supported(),
         "activation_checkpointing": on_gpu,
-        "prefill_prompts_once": share and c.generation == "auto",
+        "prefill_prompts_once": False,
         "forward_prompts_once": share and not c.compare_gradients_every,
+        **generation,
     }
-    if c.generation != "auto":
-        settings.update(GENERATION_PATHS[c.generation])
-    elif share:
-        settings["cache_implementation"] = "static"
     if c.vllm:
         settings.update(
             use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=c.vllm_gpu_memory_utilization
@@ -470,7 +471,7 @@ def check_run_dir(run_dir: Path, aggregator: str, *, resume: bool) -> None:
         saved = read_json(run_dir / CONFIG) or {}
         if saved.get("run", {}).get("aggregator") not in (None, aggregator):
             raise ValueError(f"{run_dir} holds a {saved['run']['aggregator']!r} run, not {aggregator!r}")
-    elif not resume and (run_dir / "metrics.jsonl").exists():
+    elif not resume and (run_dir / METRICS).exists():
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
@@ -645,7 +646,7 @@ def comparison_plan(
 
 
 def _finished(run_dir: Path) -> bool:
-    return (read_json(run_dir / "status.json") or {}).get("state") == "finished"
+    return (read_json(run_dir / STATUS) or {}).get("state") == "finished"
 
 
 def run_comparison(
@@ -764,7 +765,7 @@ def _worker_run(config: RunConfig, run_dir: str, resume: bool) -> str:
     if _stop_event is not None and _stop_event.is_set():
         return "not started (interrupted)"  # queued before Ctrl-C: the pool cannot take it back
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         train_run(config, run_dir, resume=resume, quiet=True)
         return "finished"
@@ -778,7 +779,8 @@ def _worker_run(config: RunConfig, run_dir: str, resume: bool) -> str:
         _worker_init()
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
+def raise_keyboard_interrupt(signum, frame) -> None:
+    """A signal handler that turns SIGTERM into Ctrl-C: the run saves, is marked interrupted, and stops."""
     raise KeyboardInterrupt
 
 

@@ -33,23 +33,29 @@ def reward_by_length(completions, **kwargs):
     return [float(len(c[0]["content"]) % 5) for c in completions]
 
 
+# One generation batch per optimizer step of 8 rows (2 prompts x 4 completions) on the tiny model, on CPU.
+TINY_STEP = dict(
+    per_device_train_batch_size=8,
+    num_generations=4,
+    max_completion_length=M,
+    steps_per_generation=1,
+    report_to=[],
+    bf16=False,
+    use_cpu=True,
+    gradient_checkpointing=False,
+    save_strategy="no",
+    seed=0,
+)
+
+
 def make_trainer(tmp_path, loss_type="delta_l", alpha=1.0, trainer_cls=DeltaLGRPOTrainer, **overrides):
     model, tokenizer = load_model_and_tokenizer("tiny")
     config = dict(
+        TINY_STEP,
         output_dir=str(tmp_path / loss_type),
         loss_type=loss_type,
         delta_l_alpha=alpha,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=M,
-        steps_per_generation=1,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
         logging_steps=1,
-        save_strategy="no",
-        seed=0,
     )
     config.update(overrides)
     if trainer_cls is GRPOTrainer:
@@ -291,17 +297,8 @@ def sharing_trainer(tmp_path, share: bool, **overrides):
     prompts = ["Count to 3.", "Count from one to twelve, then back down to one."]
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
     config = dict(
+        TINY_STEP,
         output_dir=str(tmp_path / f"share-{share}"),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=M,
-        steps_per_generation=1,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        seed=0,
         prefill_prompts_once=share,
         forward_prompts_once=share,
     )

@@ -127,7 +127,7 @@ def comparison_verdict(groups: Groups) -> tuple[dict | None, str]:
     selection across comparisons) the same computation (:func:`lab.verdict.verdict_from_curves`) on the
     reward curves as they stand, said to be provisional. ``(None, reason)`` with fewer than two labels.
     """
-    from lab.runlog import read_verdict
+    from lab.runlog import VERDICT, read_verdict
     from lab.verdict import verdict_from_curves
 
     runs = [r for rs in groups.values() for r in rs]
@@ -135,31 +135,24 @@ def comparison_verdict(groups: Groups) -> tuple[dict | None, str]:
         return None, "The verdict compares aggregators: select runs of at least two."
     parents = {r.run_dir.parent for r in runs}
     if len(parents) == 1 and not any(r.is_live for r in runs):
-        stored = read_verdict(next(iter(parents)))
-        stored_labels = {p.get("a") for p in (stored or {}).get("pairs", [])} | {
-            p.get("b") for p in (stored or {}).get("pairs", [])
-        }
-        if stored is not None and stored_labels == set(groups):
-            return stored, f"from `{next(iter(parents)) / 'verdict.json'}` (written by `lab compare`)"
+        comparison_dir = next(iter(parents))
+        stored = read_verdict(comparison_dir)
+        pairs = stored["pairs"] if stored is not None else []
+        if stored is not None and {p.get(k) for p in pairs for k in ("a", "b")} == set(groups):
+            return stored, f"from `{comparison_dir / VERDICT}` (written by `lab compare`)"
     curves = {
-        label: {
-            r.seed: list(
-                zip(
-                    numeric_column(r.metrics, "reward").index,
-                    numeric_column(r.metrics, "reward"),
-                    strict=True,
-                )
-            )
-            for r in rs
-            if r.seed is not None
-        }
-        for label, rs in groups.items()
+        label: {r.seed: _reward_curve(r) for r in rs if r.seed is not None} for label, rs in groups.items()
     }
     live = any(r.is_live for r in runs)
     return verdict_from_curves(curves), (
         "provisional: computed now from the runs as they stand"
         + (" (some are still running)" if live else "")
     )
+
+
+def _reward_curve(run) -> list[tuple[int, float]]:
+    reward = numeric_column(run.metrics, "reward")
+    return list(zip(reward.index, reward, strict=True))
 
 
 def verdict_table(verdict: dict) -> pd.DataFrame:
