@@ -16,6 +16,7 @@ import streamlit as st
 
 from lab.dashboard import ui
 from lab.dashboard.colors import color_for, display_name
+from lab.dashboard.safe import css_color, md
 from lab.runlog import read_json
 
 st.set_page_config(page_title="ΔL Lab", page_icon="Δ", layout="wide")
@@ -29,14 +30,14 @@ def sidebar() -> ui.Settings:
     network = ui.served_on_network()
     if network:  # a visitor may not browse other folders of this machine
         runs_dir = Path(default_dir)
-        sb.markdown(f"Runs dir: `{runs_dir}`")
+        sb.markdown(f"Runs dir: {md(runs_dir)}")
         sb.caption("Fixed: the dashboard is served on the network (set it with `--runs-dir` at start).")
     else:
         runs_dir = Path(sb.text_input("Runs dir", default_dir, key="runs_dir").strip() or default_dir)
     found = ui.store().discover(runs_dir)
     selected: list[tuple[str, Path]] = []
     if not found:
-        sb.info(f"No runs in `{runs_dir}` yet.")
+        sb.info(f"No runs in {md(runs_dir)} yet.")
     else:
         names = sorted(found)
         comparison = sb.selectbox("Comparison", names, format_func=lambda c: "(top level)" if c == "." else c,
@@ -47,8 +48,9 @@ def sidebar() -> ui.Settings:
         for comparison_name, path in selected:
             run = ui.store().get(path, comparison_name)
             state = (read_json(path / "status.json") or {}).get("state", "unknown")
-            sb.markdown(f"<span style='color:{color_for(run.label)}'>■</span> `{path.name}` · {state}",
-                        unsafe_allow_html=True)  # fmt: skip
+            # The square's colour is the lab's own (checked #rrggbb); the name and state are escaped data.
+            sb.markdown(f"<span style='color:{css_color(color_for(run.label))}'>■</span> "
+                        f"<code>{md(path.name)}</code> · {md(state)}", unsafe_allow_html=True)  # fmt: skip
     window = sb.slider("Smoothing (steps)", 1, 100, 1, key="window")
     refresh = sb.number_input("Live refresh (s)", 1.0, 60.0, 3.0, 1.0, key="refresh")
     sb.caption("Colours: " + ", ".join(display_name(m) for m in ("grpo", "dapo", "dr_grpo", "delta_l")) +

@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 from lab.dashboard.colors import color_for, display_name
 from lab.dashboard.data import RunData, label_curve
 from lab.dashboard.figures import add_band_line, new_figure, placeholder
+from lab.dashboard.safe import plotly_text
 
 Groups = Mapping[str, Sequence[RunData]]
 
@@ -38,7 +39,7 @@ def distribution_figure(runs: Sequence[RunData], step: int) -> go.Figure:
                 y=batch.lengths, x=[run.run_id] * batch.lengths.size, name=display_name(run.label),
                 legendgroup=run.label, line_color=color_for(run.label), box_visible=True,
                 meanline_visible=True, points="all", pointpos=0, spanmode="hard", jitter=0.3, marker_size=3,
-                hovertemplate=f"{run.run_id} (step {batch.step})<br>length %{{y}}<extra></extra>",
+                hovertemplate=f"{plotly_text(run.run_id)} (step {batch.step})<br>length %{{y}}<extra></extra>",
             )
         )  # fmt: skip
     if not fig.data:

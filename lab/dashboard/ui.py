@@ -17,6 +17,7 @@ from lab.aggregation import LENGTH_DISTRIBUTIONS, METHODS
 from lab.dashboard import launch, lengths, noise, overview, playground, weights
 from lab.dashboard.colors import display_name
 from lab.dashboard.data import RunData, RunStore, group_by_label
+from lab.dashboard.safe import md, sanitize_figure
 from lab.tasks import FAST
 
 VIEWS = ("Overview", "Lengths", "Gradient noise", "Weights", "Estimator playground", "Launch")
@@ -67,12 +68,12 @@ def store() -> RunStore:
 
 
 def chart(fig: go.Figure, key: str) -> None:
-    st.plotly_chart(fig, width="stretch", key=key, config=PLOTLY_CONFIG)
+    st.plotly_chart(sanitize_figure(fig), width="stretch", key=key, config=PLOTLY_CONFIG)
 
 
 def empty_runs_message(runs_dir: Path) -> str:
     return (
-        f"No runs in `{runs_dir}`. Start one: `lab compare --out {runs_dir}/demo` or use the **Launch** tab. "
+        f"No runs in {md(runs_dir)}. Start one: `lab compare --out DIR` or use the **Launch** tab. "
         "Meanwhile, the **Estimator playground** needs no run."
     )
 
@@ -90,7 +91,7 @@ def live_view(name: str, render: Callable[[list[RunData], Settings], None], sett
         current = store().load(settings.selected)
         for run in current:
             for message in run.warnings():
-                st.warning(message)
+                st.warning(md(message))
         if not current:
             st.caption("This view needs at least one run: pick some in the sidebar.")
             return
@@ -132,16 +133,16 @@ def render_verdict(groups) -> None:
     verdict, source = overview.comparison_verdict(groups)
     st.subheader("Verdict")
     if verdict is None:
-        st.caption(source)
+        st.caption(md(source))
         return
     table = overview.verdict_table(verdict)
     n_yes = int(sum(p.get("distinguishable", False) for p in verdict.get("pairs", [])))
     st.markdown(
         f"**{n_yes} of {len(table)}** differences are distinguishable from seed noise at "
-        f"{verdict.get('seeds', 0)} seed(s). A tie is a finding: it says the aggregator did not matter here."
+        f"{md(verdict.get('seeds', 0))} seed(s). A tie is a finding: it says the aggregator did not matter here."
     )
     st.dataframe(table, hide_index=True, width="stretch")
-    st.caption(f"Verdict {source}. {verdict.get('method', '')} {verdict.get('note', '')}")
+    st.caption(f"Verdict {md(source)}. {md(verdict.get('method', ''))} {md(verdict.get('note', ''))}")
 
 
 def _step_picker(steps: list[int], key: str) -> int:
@@ -196,7 +197,7 @@ def render_noise(runs: list[RunData], s: Settings) -> None:
     chart(noise.counterfactual_figure(run, window=s.window), "noise_cf")
     probes = noise.valid_probes(run)
     if not probes:
-        st.info(f"No gradient probes in {run.run_id} (probes.jsonl): enable probing in the trainer to measure "
+        st.info(f"No gradient probes in {md(run.run_id)} (probes.jsonl): enable probing in the trainer to measure "
                 "Var(g_i) against L_i.")  # fmt: skip
         return
     steps = [p.get("step") for p in probes]
@@ -329,14 +330,14 @@ def _launch_form(runs_dir: Path) -> None:
         plan = launch.plan_launch(runs_dir, name, aggregators, steps=int(steps), seeds=int(seeds), model=model,
                                   alpha=float(alpha), extra=extra)  # fmt: skip
     except ValueError as err:
-        st.error(f"Not started: {err}")
+        st.error(f"Not started: {md(err)}")
         return
     st.code(shlex.join(plan.args), language="bash")
     if st.button("Start", type="primary", key="ln_start"):
         try:
             st.session_state["launch"] = launch.Launch(plan.args, plan.out).start(cwd=Path.cwd())
         except OSError as err:
-            st.error(f"Could not start `{plan.args[0]}`: {err}")
+            st.error(f"Could not start {md(plan.args[0])}: {md(err)}")
             return
         st.rerun()
 
@@ -351,7 +352,7 @@ def _launch_progress(current: launch.Launch) -> None:
             st.rerun()  # it ended: a full rerun stops the timer and lists the new runs
         state = "running" if code is None else f"exited with code {code}"
         st.markdown(
-            f"**Launch** `{current.out}`: {state} (pid {current.process.pid if current.process else '?'})"
+            f"**Launch** {md(current.out)}: {state} (pid {current.process.pid if current.process else '?'})"
         )
         if current.running and st.button("Stop", key="ln_stop"):
             current.stop()
@@ -359,7 +360,7 @@ def _launch_progress(current: launch.Launch) -> None:
         table = launch.progress_table(current.out)
         for row in table.itertuples():
             st.progress(
-                float(row.progress), text=f"{row.run}: {row.state}, step {row.step}/{row.max_steps or '?'}"
+                float(row.progress), text=md(f"{row.run}: {row.state}, step {row.step}/{row.max_steps or '?'}")
             )
         st.code(current.tail() or "(no output yet)", language="text")
         if code is not None and st.button("Clear", key="ln_clear"):
