@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from lab.runlog import RunWriter
-from tests.fixtures_runs import SyntheticRun, append_step, make_complete, no_fsync, write_run
+from tests.fixtures_runs import SyntheticRun, append_step, make_complete, no_fsync, run_config, write_run
 from tests.helpers import free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 LIVE = SyntheticRun("dr_grpo", seed=1, steps=45, max_steps=90, state="running")
+# A run dir someone else wrote: its name and status try to inject markup and script into the page.
+HOSTILE_NAME = "x`<img src=x onerror=window.pwned=1>`-s0"
+HOSTILE_STATE = '<iframe srcdoc="<script>parent.window.pwned=1</script>"></iframe>'
 # tab → (plotly charts it draws on these fixtures, a text only that tab shows)
 TABS = {
     "Overview": (3, "Final scores"),
@@ -52,6 +55,12 @@ def server(tmp_path) -> Iterator[tuple[str, Path]]:
     with no_fsync():
         make_complete(runs)
         write_run(runs, LIVE)
+        hostile = runs / "demo" / HOSTILE_NAME
+        RunWriter(hostile).write_config(run_config(SyntheticRun("grpo", seed=9, steps=0), "demo"))
+    (hostile / "status.json").write_text(
+        f'{{"state": "{HOSTILE_STATE.replace(chr(34), chr(92) + chr(34))}", "error": "![b](http://example.invalid/b.png)"}}',
+        encoding="utf-8",
+    )
     port = free_port()
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
            "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
@@ -108,6 +117,12 @@ def test_dashboard_in_chromium(server, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 2400})
             page.goto(url, timeout=30_000)
+            # hostile run data is shown as text: no iframe, no image, no script ran
+            page.get_by_text("iframe srcdoc", exact=False).first.wait_for(timeout=30_000)
+            sidebar = page.locator("[data-testid=stSidebar]")
+            assert sidebar.locator("iframe, img").count() == 0
+            assert page.locator("iframe[srcdoc]").count() == 0
+            assert page.evaluate("window.pwned === undefined")
             for tab, (n_charts, marker) in TABS.items():
                 page.get_by_role("tab", name=tab).click()
                 page.get_by_text(marker).first.wait_for(timeout=30_000)

@@ -1,0 +1,119 @@
+"""Hostile run data never becomes markup: dir names, states, errors and labels written by someone else.
+
+Each markdown element the app emits is rendered with markdown-it (CommonMark with raw HTML on, the most
+permissive reading) and must contain no tag, link or image; every plotly figure's texts must hold no tag.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from markdown_it import MarkdownIt
+from streamlit.testing.v1 import AppTest
+
+from lab.dashboard import launch, ui
+from lab.dashboard.safe import css_color, md, sanitize_figure
+from lab.runlog import RunWriter
+from tests.fixtures_runs import SyntheticRun, no_fsync, run_config, write_run
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+STATE = '<iframe srcdoc="<script>parent.document.title=1</script>"></iframe>'
+ERROR = "![beacon](http://example.invalid/x.png) [click](javascript:alert(1)) <img src=x onerror=alert(1)>"
+HOSTILE_NAME = "x`<img src=x onerror=alert(1)>`-s0"
+RENDER = MarkdownIt("commonmark", {"html": True})
+FORBIDDEN = ("<iframe", "<img", "<script", "<a ", "<b>", "<h1", "<code>`")
+
+
+def rendered_tags(source: str) -> list[str]:
+    html = RENDER.render(source)
+    return [tag for tag in FORBIDDEN if tag in html]
+
+
+@pytest.fixture
+def hostile_runs(tmp_path) -> Path:
+    runs = tmp_path / "runs"
+    with no_fsync():
+        write_run(runs, SyntheticRun("grpo", seed=0, steps=12))
+        bad = runs / "demo" / HOSTILE_NAME
+        writer = RunWriter(bad)
+        config = run_config(SyntheticRun("delta_l", seed=0, steps=0), "demo")
+        config.update({"run_id": "<b>run</b>`id`", "label": "delta_l<img src=x>"})
+        writer.write_config(config)
+    (bad / "status.json").write_text(json.dumps({"state": STATE, "error": ERROR, "step": 0}), encoding="utf-8")
+    return runs
+
+
+@pytest.fixture(autouse=True)
+def served_on_localhost(monkeypatch):
+    monkeypatch.setattr(ui, "server_address", lambda: "127.0.0.1")
+    monkeypatch.delenv(launch.TOKEN_ENV, raising=False)
+
+
+def markdown_sources(at: AppTest) -> list[tuple[str, str]]:
+    """(kind, source) of every markdown-bearing element of the page, sidebar included."""
+    out = []
+    for kind in ("markdown", "caption", "info", "warning", "error", "success"):
+        for element in list(at.get(kind)) + list(at.sidebar.get(kind)):
+            out.append((kind, element.value))
+    return out
+
+
+@pytest.mark.parametrize("view", ["Overview", "Lengths", "Gradient noise", "Weights"])
+def test_hostile_names_states_and_errors_stay_text(hostile_runs, view, monkeypatch):
+    monkeypatch.setenv("LAB_RUNS_DIR", str(hostile_runs))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["view"] = view
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    sources = markdown_sources(at)
+    shown = " ".join(s for _, s in sources)
+    assert "iframe" in shown and "onerror" in shown, "the hostile state and name should be shown, as text"
+    for kind, source in sources:
+        assert not rendered_tags(source), (kind, source)
+    for chart in at.get("plotly_chart"):
+        figure = json.loads(chart.proto.spec)
+        text = json.dumps(figure)
+        assert "<img" not in text and "<b>" not in text, "a figure text carries markup"
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=80))
+def test_md_renders_back_to_the_same_text_and_never_to_markup(text):
+    source = f"prefix {md(text)} suffix"
+    html = RENDER.renderInline(source)
+    assert "<" not in html.replace("&lt;", ""), html  # no tag at all, only escaped text
+    # what the reader sees is the value itself (control characters and line breaks shown as spaces)
+    visible = html.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"').replace("&amp;", "&")
+    expected = "".join(" " if (ord(c) < 32 or ord(c) == 127 or c in "\u2028\u2029") else c for c in text)
+    collapsed = " ".join(visible.split())
+    assert collapsed == " ".join(f"prefix {expected} suffix".split())
+
+
+def test_md_escapes_every_ascii_punctuation_mark():
+    escaped = md(string.punctuation)
+    for ch in set(string.punctuation) - set("<>&\"'"):
+        assert "\\" + ch in escaped
+    assert "<" not in escaped and ">" not in escaped
+
+
+def test_css_color_takes_only_the_lab_palette_form():
+    assert css_color("#1f77b4") == "#1f77b4"
+    for bad in ("red;background:url(x)", "#12345", "#1f77b4'><script>", ""):
+        with pytest.raises(ValueError, match="not a #rrggbb colour"):
+            css_color(bad)
+
+
+def test_sanitize_figure_escapes_names_titles_and_categories():
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Bar(x=["<img src=x>"], y=[1], name="<b>n</b>", text=["<i>t</i>"]))
+    fig.update_layout(title="<a href='x'>t</a>", xaxis_title="<sup>x</sup>")
+    fig.add_annotation(text="<script>s</script>")
+    sanitize_figure(fig)
+    blob = json.dumps(fig.to_plotly_json())
+    for tag in ("<img", "<b>", "<i>", "<a ", "<sup>", "<script"):
+        assert tag not in blob
