@@ -28,6 +28,7 @@ from tests.fixtures_runs import (
     no_fsync,
     write_run,
 )
+from tests.helpers import plain
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 RUN_VIEWS = ("Overview", "Lengths", "Gradient noise", "Weights")
@@ -76,17 +77,17 @@ def test_every_view_renders_without_exception(roots, kind, view, monkeypatch):
     elif view in RUN_VIEWS and has_runs:
         assert charts(at), f"{view} drew no chart on {kind} runs"
     if kind == "corrupt" and view in RUN_VIEWS:
-        text = " ".join(w.value for w in at.warning)
+        text = " ".join(plain(w.value) for w in at.warning)
         assert "corrupt line(s) in metrics.jsonl" in text and "status.json" in text
     if kind == "empty":
-        assert any("No runs in" in i.value and "lab compare --out" in i.value for i in at.info)
+        assert any("No runs in" in plain(i.value) and "lab compare --out" in plain(i.value) for i in at.info)
 
 
 def test_newcomer_without_runs_sees_the_playground_first(roots, monkeypatch):
     at = app_for(roots["empty"], None, monkeypatch)
     assert not at.exception
     assert len(charts(at)) == 3  # the playground's charts: the only tab that runs
-    assert "No runs in" in at.info[0].value
+    assert "No runs in" in plain(at.info[0].value)
 
 
 def test_complete_runs_open_on_overview_with_scores(roots, monkeypatch):
@@ -105,15 +106,15 @@ def test_complete_runs_open_on_overview_with_scores(roots, monkeypatch):
 def test_half_written_runs_are_live_and_warn_about_missing_status(roots, monkeypatch):
     at = app_for(roots["half_written"], "Overview", monkeypatch)
     assert not at.exception
-    assert any("Live: refreshing" in c.value for c in at.caption)
-    assert any("dapo-s0: no readable status.json" in w.value for w in at.warning)
+    assert any("Live: refreshing" in plain(c.value) for c in at.caption)
+    assert any("dapo-s0: no readable status.json" in plain(w.value) for w in at.warning)
 
 
 def test_sidebar_runs_dir_field_and_rerun_reads_only_new_lines(tmp_path, monkeypatch):
     with no_fsync():
         make_half_written(tmp_path / "runs")
     at = app_for(tmp_path / "empty-dir", "Overview", monkeypatch)
-    assert "No runs in" in at.info[0].value
+    assert "No runs in" in plain(at.info[0].value)
     at.sidebar.text_input(key="runs_dir").set_value(str(tmp_path / "runs")).run()
     assert not at.exception and charts(at)
     store: RunStore = at.session_state["run_store"]
@@ -168,7 +169,7 @@ def test_launch_view_starts_follows_and_stops_a_stand_in(tmp_path, monkeypatch):
             time.sleep(0.2)
         at.run()
         assert not at.exception
-        assert any("running" in m.value for m in at.markdown)
+        assert any("running" in plain(m.value) for m in at.markdown)
         assert at.get("progress"), "no progress bar for the launched run"
         at.button(key="ln_stop").click().run()
         assert not current.running and current.returncode is not None
@@ -248,7 +249,7 @@ def test_launch_refuses_bad_input_and_creates_nothing(tmp_path, monkeypatch, key
     widget = at.text_input(key=key)
     widget.set_value(value).run()
     assert not at.exception
-    errors = " ".join(e.value for e in at.error)
+    errors = " ".join(plain(e.value) for e in at.error)
     assert message in errors and "Not started" in errors
     assert not [b for b in at.button if b.key == "ln_start"]  # ... and offers no Start after the refusal
     assert "launch" not in at.session_state
@@ -260,7 +261,7 @@ def test_launch_refuses_an_existing_comparison_unless_resumed(tmp_path, monkeypa
     (tmp_path / "runs" / "cmp" / "keep.txt").write_text("mine")
     at = app_for(tmp_path / "runs", "Launch", monkeypatch)
     at.text_input(key="ln_name").set_value("cmp").run()
-    assert "already exists" in at.error[0].value and not [b for b in at.button if b.key == "ln_start"]
+    assert "already exists" in plain(at.error[0].value) and not [b for b in at.button if b.key == "ln_start"]
     at.text_input(key="ln_extra").set_value("--resume").run()
     assert not at.error and "--resume" in at.code[0].value
 
@@ -291,10 +292,12 @@ def test_network_mode_disables_launch_and_fixes_the_runs_dir(roots, tmp_path, mo
     monkeypatch.setattr(ui, "server_address", lambda: "0.0.0.0")
     at = app_for(roots["complete"], "Launch", monkeypatch)
     assert not at.exception
-    assert any("Launch is disabled" in w.value and launch.TOKEN_ENV in w.value for w in at.warning)
+    assert any(
+        "Launch is disabled" in plain(w.value) and launch.TOKEN_ENV in plain(w.value) for w in at.warning
+    )
     assert not [t for t in at.text_input if t.key == "ln_name"] and not at.button
     assert not [t for t in at.sidebar.text_input if t.key == "runs_dir"]  # no field to browse other folders
-    assert any(str(roots["complete"]) in m.value for m in at.sidebar.markdown)
+    assert any(str(roots["complete"]) in plain(m.value) for m in at.sidebar.markdown)
     monkeypatch.setenv(launch.TOKEN_ENV, "short")  # too short to guard anything: still disabled
     assert "Launch is disabled" in app_for(roots["complete"], "Launch", monkeypatch).warning[0].value
 
@@ -305,7 +308,9 @@ def test_network_mode_asks_for_the_launch_token(tmp_path, monkeypatch):
     at = app_for(tmp_path / "runs", "Launch", monkeypatch)
     assert not [t for t in at.text_input if t.key == "ln_name"]
     at.text_input(key="ln_token").set_value("correct-horse-battery-stapl").run()
-    assert "Wrong launch token" in at.error[0].value and not [t for t in at.text_input if t.key == "ln_name"]
+    assert "Wrong launch token" in plain(at.error[0].value) and not [
+        t for t in at.text_input if t.key == "ln_name"
+    ]
     at.text_input(key="ln_token").set_value("correct-horse-battery-staple").run()
     assert not at.exception and at.text_input(key="ln_name") and at.button(key="ln_start")
     assert not list(tmp_path.iterdir())
@@ -572,13 +577,13 @@ def test_overview_shows_the_verdict_computed_live_then_the_stored_one(tmp_path, 
     assert at.subheader[0].value == "Verdict"
     table = at.dataframe[0].value
     assert set(table.columns) >= {"a", "b", "metric", "mean a − b", "95% bootstrap CI", "verdict"}
-    assert any("provisional" in c.value for c in at.caption)
+    assert any("provisional" in plain(c.value) for c in at.caption)
     comparison = root / "demo"
     verdict = compare_runs([p for p in comparison.iterdir() if p.is_dir()])
     verdict["pairs"][0]["distinguishable"] = True  # a marker only the stored file has
     write_verdict(comparison, verdict)
     at = app_for(root, "Overview", monkeypatch)
-    assert any("verdict.json" in c.value for c in at.caption)
+    assert any("verdict.json" in plain(c.value) for c in at.caption)
     assert at.dataframe[0].value["verdict"].iloc[0] == "distinguishable"
 
 

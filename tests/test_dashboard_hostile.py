@@ -44,7 +44,9 @@ def hostile_runs(tmp_path) -> Path:
         config = run_config(SyntheticRun("delta_l", seed=0, steps=0), "demo")
         config.update({"run_id": "<b>run</b>`id`", "label": "delta_l<img src=x>"})
         writer.write_config(config)
-    (bad / "status.json").write_text(json.dumps({"state": STATE, "error": ERROR, "step": 0}), encoding="utf-8")
+    (bad / "status.json").write_text(
+        json.dumps({"state": STATE, "error": ERROR, "step": 0}), encoding="utf-8"
+    )
     return runs
 
 

@@ -360,7 +360,8 @@ def _launch_progress(current: launch.Launch) -> None:
         table = launch.progress_table(current.out)
         for row in table.itertuples():
             st.progress(
-                float(row.progress), text=md(f"{row.run}: {row.state}, step {row.step}/{row.max_steps or '?'}")
+                float(row.progress),
+                text=md(f"{row.run}: {row.state}, step {row.step}/{row.max_steps or '?'}"),
             )
         st.code(current.tail() or "(no output yet)", language="text")
         if code is not None and st.button("Clear", key="ln_clear"):
