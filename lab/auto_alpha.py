@@ -64,7 +64,7 @@ class AlphaFromProbes:
         v = torch.as_tensor(record["grad_variances"], dtype=torch.float64).reshape(-1)
         if L.shape != v.shape:
             raise ValueError(f"probe record: {L.numel()} lengths but {v.numel()} variances")
-        self._probes = (self._probes + [(L, v)])[-self.window :]
+        self._probes = [*self._probes, (L, v)][-self.window :]
         fit = self._fit()
         k = fit["k"]
         updated = len(self._probes) >= self.min_probes and math.isfinite(k)

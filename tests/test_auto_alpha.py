@@ -49,7 +49,7 @@ def test_alpha_is_clipped_to_its_range():
     zero = AlphaFromProbes(group_size=G, min_probes=1, smoothing=1.0, n_bootstrap=20)
     record = probe_record(0.0, seed=1)
     record["grad_variances"] = [
-        v / length**1.5 for v, length in zip(record["grad_variances"], record["lengths"])
+        v / length**1.5 for v, length in zip(record["grad_variances"], record["lengths"], strict=True)
     ]
     zero.update(record, step=1)
     assert zero.alpha == 0.0  # a fitted k < 0 is clipped to 0 (Dr. GRPO's equal weights)
