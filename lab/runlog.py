@@ -31,9 +31,12 @@ A comparison is a folder of run dirs, ``runs/<comparison>/<run_id>/`` with ``run
     Trainer checkpoints (``checkpoint-<step>``) for ``--resume``.
 
 Beside the run dirs, a comparison dir holds ``verdict.json`` (written by ``lab compare`` when it ends,
-:mod:`lab.verdict`): ``{"seeds": S, "pairs": [{"a", "b", "metric": "final_reward"|"auc", "mean_diff",
-"ci": [lo, hi], "ci_t": [lo, hi], "distinguishable": bool, "n_seeds", "diffs"}, ...], "labels": {...},
-"method", "note", "warnings", "created", "wall_seconds", "workers"}``. Read it with :func:`read_verdict`.
+:mod:`lab.verdict`): ``{"seeds": S, "pairs": [{"a", "b", "metric": "final_reward"|"auc"|"eval_avg_at_k"|
+"eval/<name>", "mean_diff", "ci": [lo, hi], "ci_t": [lo, hi], "ci_t_family": [lo, hi], "p_value", "p_holm",
+"distinguishable": bool (after the Holm correction), "excludes_0_uncorrected": bool, "sd_diff", "mde",
+"mde_level", "n_seeds", "diffs"}, ...], "labels": {...}, "metrics", "left_out_metrics", "alpha", "power",
+"n_tests", "method", "note", "warnings", "created", "wall_seconds", "workers"}``. Read it with
+:func:`read_verdict`.
 
 During training, ``lab.runner.RunLogCallback`` (a transformers ``TrainerCallback``) writes these files
 through :class:`RunWriter`; this module itself imports no training code, so readers stay light.

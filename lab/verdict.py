@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ Curve = Sequence[tuple[float, float]]  # (step, reward) pairs
 EndValues = Mapping[str, Mapping[str, Mapping[int, float]]]  # {metric: {label: {seed: value}}}
 
 
+@lru_cache(maxsize=1024)
 def t_quantile(n: int, confidence: float = CONFIDENCE) -> float:
     """Two-sided Student-t quantile for a mean over ``n`` values (NaN for n < 2)."""
     if n < 2:
@@ -137,7 +139,10 @@ def paired_p_value(diffs: Sequence[float]) -> float:
         return math.nan
     if np.ptp(x) == 0:
         return 1.0 if x[0] == 0 else 0.0
-    return float(stats.ttest_1samp(x, 0.0).pvalue)
+    t = x.mean() / (
+        x.std(ddof=1) / math.sqrt(x.size)
+    )  # = scipy.stats.ttest_1samp(x, 0), without its overhead
+    return float(2 * stats.t.sf(abs(t), x.size - 1))
 
 
 def holm_adjust(p_values: Sequence[float]) -> list[float]:
@@ -164,7 +169,8 @@ def paired_t_power(diff: float, sd: float, n: int, level: float) -> float:
         return math.nan
     df, shift = n - 1, diff * math.sqrt(n) / sd
     critical = stats.t.ppf(1 - level / 2, df)
-    return float(stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift))
+    # P(T < -c | shift) = P(T > c | -shift): two upper tails (scipy's nct.cdf gives NaN far in the tail)
+    return float(stats.nct.sf(critical, df, shift) + stats.nct.sf(critical, df, -shift))
 
 
 def min_detectable_difference(sd: float, n: int, level: float, power: float = POWER) -> float:
@@ -176,12 +182,16 @@ def min_detectable_difference(sd: float, n: int, level: float, power: float = PO
         raise ValueError(f"level and power must lie in (0, 1), got level={level!r}, power={power!r}")
     if n < 2 or not math.isfinite(sd) or sd < 0:
         return math.nan
-    if sd == 0:
-        return 0.0
-    high = sd  # grow the bracket until the power passes the target
-    while paired_t_power(high, sd, n, level) < power:
+    return sd * _mde_in_sds(int(n), float(level), float(power))
+
+
+@lru_cache(maxsize=256)
+def _mde_in_sds(n: int, level: float, power: float) -> float:
+    """The MDE in units of the spread: the power depends on diff/sd only, so solve once per (n, level)."""
+    high = 1.0  # grow the bracket until the power passes the target
+    while paired_t_power(high, 1.0, n, level) < power:
         high *= 2
-    return float(optimize.brentq(lambda d: paired_t_power(d, sd, n, level) - power, 0.0, high, xtol=1e-10))
+    return float(optimize.brentq(lambda d: paired_t_power(d, 1.0, n, level) - power, 0.0, high, xtol=1e-12))
 
 
 def _excludes_zero(interval: tuple[float, float]) -> bool:
