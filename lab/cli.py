@@ -315,7 +315,7 @@ def dashboard_command(args: argparse.Namespace) -> list[str]:
     return [
         sys.executable, "-m", "streamlit", "run", str(app),
         "--server.address", args.host, "--server.port", str(args.port),
-        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
         "--", "--runs-dir", args.runs_dir,
     ]  # fmt: skip
 

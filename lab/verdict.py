@@ -390,9 +390,16 @@ def read_runs(
                 f"{run_dir}: {status.get('state', 'unknown')} at step {status.get('step')}, used as is"
             )
         curves.setdefault(label, {})[seed] = points
-        for name, value in end_values_of_run(reader).items():
-            end_values.setdefault(name, {}).setdefault(label, {})[seed] = value
+        add_end_values(end_values, label, seed, reader)
     return curves, end_values, warnings
+
+
+def add_end_values(
+    end_values: dict[str, dict[str, dict[int, float]]], label: str, seed: int, reader: Any
+) -> None:
+    """Put one run's :func:`end_values_of_run` into ``{metric: {label: {seed: value}}}`` (in place)."""
+    for name, value in end_values_of_run(reader).items():
+        end_values.setdefault(name, {}).setdefault(label, {})[seed] = value
 
 
 def curves_from_run_dirs(run_dirs: Iterable[str | Path]) -> tuple[dict[str, dict[int, Curve]], list[str]]:

@@ -284,9 +284,9 @@ def dashboard_exec(argv: list[str], monkeypatch, capsys, token: str | None = Non
 
 def test_dashboard_serves_localhost_without_telemetry(monkeypatch, capsys):
     command, err = dashboard_exec(["--runs-dir", "r"], monkeypatch, capsys)
-    flags = dict(zip(command[5:13:2], command[6:13:2], strict=True))
+    flags = dict(zip(command[5:15:2], command[6:15:2], strict=True))
     assert flags == {"--server.address": "127.0.0.1", "--server.port": "8501", "--server.headless": "true",
-                     "--browser.gatherUsageStats": "false"}  # fmt: skip
+                     "--browser.gatherUsageStats": "false", "--client.toolbarMode": "viewer"}  # fmt: skip
     assert command[-3:] == ["--", "--runs-dir", "r"] and err == ""
 
 

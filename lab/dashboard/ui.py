@@ -135,14 +135,29 @@ def render_verdict(groups) -> None:
     if verdict is None:
         st.caption(md(source))
         return
-    table = overview.verdict_table(verdict)
-    n_yes = int(sum(p.get("distinguishable", False) for p in verdict.get("pairs", [])))
-    st.markdown(
-        f"**{n_yes} of {len(table)}** differences are distinguishable from seed noise at "
-        f"{md(verdict.get('seeds', 0))} seed(s). A tie is a finding: it says the aggregator did not matter here."
+    n_yes, n_tests = overview.verdict_summary(verdict)
+    reach = overview.mde_range(verdict)
+    reach = (
+        f" With these seeds a pair could only see differences of ≥ {reach[0]:.3f} to {reach[1]:.3f}."
+        if reach
+        else ""
     )
-    st.dataframe(table, hide_index=True, width="stretch")
-    st.caption(f"Verdict {md(source)}. {md(verdict.get('method', ''))} {md(verdict.get('note', ''))}")
+    st.markdown(
+        f"**{n_yes} of {n_tests}** differences are distinguishable from seed noise at {md(verdict.get('seeds', 0))} "
+        f"seed(s), after a Holm–Bonferroni correction over all {n_tests} tests.{reach} A tie is a finding only "
+        "as far as the MDE reaches: a smaller true difference would likely read as a tie too."
+    )
+    chart(overview.verdict_figure(verdict), "ov_verdict")
+    st.caption(
+        "Dot: the mean over seeds of the paired difference a − b (filled red: distinguishable after Holm; open "
+        "grey: not detected). Bar: the family-wise t-interval (Bonferroni level, all intervals hold together "
+        "with 95% probability; Holm marks every pair whose bar excludes 0, and may mark more). Shaded: ± the "
+        "pair's minimum detectable difference (80% power at the corrected level, from the seed-to-seed spread)."
+    )
+    st.dataframe(overview.verdict_table(verdict), hide_index=True, width="stretch")
+    left_out = verdict.get("left_out_metrics") or {}
+    left = "".join(f" Metric {md(name)} left out: {md(why)}." for name, why in left_out.items())
+    st.caption(f"Verdict {md(source)}. {md(verdict.get('method', ''))} {md(verdict.get('note', ''))}{left}")
 
 
 def _step_picker(steps: list[int], key: str) -> int:
