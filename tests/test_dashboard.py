@@ -585,6 +585,112 @@ def test_overview_shows_the_verdict_computed_live_then_the_stored_one(tmp_path, 
     at = app_for(root, "Overview", monkeypatch)
     assert any("verdict.json" in plain(c.value) for c in at.caption)
     assert at.dataframe[0].value["verdict"].iloc[0] == "distinguishable"
+    # a verdict.json from before the correction (no Holm p-values) is not trusted: recomputed, and said so
+    for pair in verdict["pairs"]:
+        del pair["p_holm"]
+    write_verdict(comparison, verdict)
+    at = app_for(root, "Overview", monkeypatch)
+    assert any("predates the multiple-test correction" in plain(c.value) for c in at.caption)
+    assert at.dataframe[0].value["verdict"].iloc[0] != "distinguishable"
+
+
+def element_types(node, out: list[str] | None = None) -> list[str]:
+    """The element types of an AppTest tree in page order (blocks left out)."""
+    out = [] if out is None else out
+    kind = getattr(node, "type", None)
+    if kind not in (None, "main", "block", "vertical", "horizontal", "flex_container", "column", "tab",
+                    "tab_container"):  # fmt: skip
+        out.append(kind)
+    for child in getattr(node, "children", {}).values():
+        element_types(child, out)
+    return out
+
+
+def four_by_three(root: Path) -> Path:
+    """4 aggregators × 3 seeds of the same synthetic curve (no aggregator favoured), evaluated at the end."""
+    with no_fsync():
+        for aggregator in METHODS:
+            for seed in range(3):
+                write_run(root, SyntheticRun(aggregator, seed=seed, steps=20, eval_every=10, probe_every=0))
+    return root
+
+
+def test_overview_leads_with_the_verdict_picture_then_its_table(tmp_path, monkeypatch):
+    root = four_by_three(tmp_path / "runs")
+    at = app_for(root, "Overview", monkeypatch)
+    assert not at.exception
+    order = element_types(at.main)
+    first_tab = order[order.index("subheader") :]
+    assert first_tab[:5] == ["subheader", "markdown", "plotly_chart", "caption", "dataframe"]
+    spec = json.loads(charts(at)[0].proto.spec)
+    assert spec["layout"]["title"]["text"].startswith("Verdict")
+    names = {t.get("name") for t in spec["data"]}
+    assert "± MDE (80% power)" in names and "not detected" in names  # no aggregator is favoured here
+    summary = plain(at.markdown[0].value)
+    assert "of 18** differences" in summary and "Holm–Bonferroni" in summary and "could only see" in summary
+    table = at.dataframe[0].value
+    assert {"p (raw)", "p (Holm)", "MDE"} <= set(table.columns)
+    assert set(table["metric"]) == {"final_reward", "auc", "eval_avg_at_k"}  # the held-out eval is a metric
+    assert (table["p (Holm)"] >= table["p (raw)"]).all() and (table["MDE"] > 0).all()
+
+
+def test_verdict_figure_marks_the_corrected_decision_and_shows_each_mde():
+    from lab.verdict import verdict_from_curves
+    from lab.verdict_sim import NoiseModel, synthetic_curves
+
+    model = NoiseModel(tuple(np.linspace(0.3, 0.7, 30)), seed_sd=0.02, run_sd=0.01, shared_step_sd=0.05,
+                       step_sd=0.05)  # fmt: skip
+    curves = synthetic_curves(
+        model, list(METHODS), range(6), np.random.default_rng(0), effects={"delta_l": 0.2}
+    )
+    verdict = verdict_from_curves(curves, n_bootstrap=200)
+    fig = overview.verdict_figure(verdict)
+    assert [a.text for a in fig.layout.annotations[:2]] == ["final_reward", "auc"]  # one panel per metric
+    marked = [t for t in fig.data if t.name == "distinguishable (Holm)"]
+    by_pair = {(p["a"], p["b"], p["metric"]): p for p in verdict["pairs"]}
+    expected = sorted(f"{colors.display_name(a)} − ΔL" for a in ("grpo", "dapo", "dr_grpo"))
+    assert len(marked) == 2 and all(sorted(t.y) == expected for t in marked)
+    for trace in marked:
+        metric = "final_reward" if trace.xaxis == "x" else "auc"
+        for name, x, plus, minus in zip(
+            trace.y, trace.x, trace.error_x.array, trace.error_x.arrayminus, strict=True
+        ):
+            a = next(k for k, v in colors.METHOD_NAMES.items() if v == name.split(" − ")[0])
+            pair = by_pair[(a, "delta_l", metric)]
+            assert x == pytest.approx(pair["mean_diff"])
+            assert [x - minus, x + plus] == pytest.approx(pair["ci_t_family"])  # the family-wise interval
+    band = next(t for t in fig.data if t.type == "bar")
+    pair = by_pair[("grpo", "dapo", "final_reward")]
+    assert band.base[0] == pytest.approx(-pair["mde"]) and band.x[0] == pytest.approx(2 * pair["mde"])
+    assert overview.mde_range(verdict)[0] == min(p["mde"] for p in verdict["pairs"])
+
+
+def test_verdict_figure_shows_hostile_labels_as_text_and_old_verdicts_without_an_mde():
+    from lab.dashboard.safe import sanitize_figure
+
+    pair = {"a": "<b>x</b>", "b": "grpo", "metric": "<i>m</i>", "mean_diff": 0.1, "ci_t": [0.0, 0.2],
+            "distinguishable": False, "n_seeds": 5}  # fmt: skip
+    fig = sanitize_figure(overview.verdict_figure({"seeds": 5, "pairs": [pair]}))
+    assert (
+        fig.data[0].y[0] == "&lt;b&gt;x&lt;/b&gt; − GRPO"
+        and fig.layout.annotations[0].text == "&lt;i&gt;m&lt;/i&gt;"
+    )
+    assert [t.type for t in fig.data] == ["scatter"]  # no MDE stored: no band
+    assert list(fig.data[0].error_x.array) == [pytest.approx(0.1)]  # the 95% t interval instead
+    assert overview.verdict_figure({"pairs": []}).layout.annotations[0].text == "No pairs to compare."
+
+
+def test_the_toolbar_hides_deploy_in_the_config_and_in_the_flags():
+    """`streamlit run` from the repository reads .streamlit/config.toml; `lab dashboard` passes flags."""
+    import argparse
+
+    from lab.cli import dashboard_command
+
+    tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11
+    config = tomllib.loads((Path(APP).parent / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["toolbarMode"] == "viewer"  # viewer: no Deploy, rerun or clear-cache items
+    command = dashboard_command(argparse.Namespace(host="127.0.0.1", port=8501, runs_dir="runs"))
+    assert command[command.index("--client.toolbarMode") + 1] == "viewer"
 
 
 def test_gradient_pair_figures_read_the_logged_comparison(complete_runs, tmp_path):

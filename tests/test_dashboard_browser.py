@@ -1,7 +1,7 @@
 """Real-browser test: ``streamlit run app.py`` on a free port, headless Debian Chromium through Playwright.
 
 Visits every tab on synthetic fixture runs (one of them live), waits for the plotly charts, asserts there is
-no exception box, checks that the Launch tab refuses a comparison name outside the runs dir, that a live
+no exception box and no "Deploy" button, checks that the Launch tab refuses a comparison name outside the runs dir, that a live
 run's chart updates by itself, and saves screenshots (to tmp_path, and
 to $LAB_ARTIFACTS when set).
 """
@@ -34,7 +34,7 @@ HOSTILE_NAME = "x`<img src=x onerror=window.pwned=1>`-s0"
 HOSTILE_STATE = '<iframe srcdoc="<script>parent.window.pwned=1</script>"></iframe>'
 # tab → (plotly charts it draws on these fixtures, a text only that tab shows)
 TABS = {
-    "Overview": (3, "Final scores"),
+    "Overview": (4, "Final scores"),  # the verdict's picture, reward, Avg@k, Pass@k
     "Lengths": (4, "Steps shown over time"),
     "Gradient noise": (3, "Probe step"),
     "Weights": (2, "How α changes ΔL"),
@@ -123,6 +123,10 @@ def test_dashboard_in_chromium(server, tmp_path):
             assert sidebar.locator("iframe, img").count() == 0
             assert page.locator("iframe[srcdoc]").count() == 0
             assert page.evaluate("window.pwned === undefined")
+            # a local lab: no "Deploy" button (client.toolbarMode = "viewer" in .streamlit/config.toml)
+            page.locator("[data-testid=stToolbar]").first.wait_for(timeout=30_000)
+            assert page.locator("[data-testid=stAppDeployButton]").count() == 0
+            assert page.get_by_role("button", name="Deploy").count() == 0
             for tab, (n_charts, marker) in TABS.items():
                 page.get_by_role("tab", name=tab).click()
                 page.get_by_text(marker).first.wait_for(timeout=30_000)
