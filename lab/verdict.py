@@ -339,9 +339,9 @@ def verdict_from_curves(
             "held-out Avg@k at the end of each run."
         ),
         "note": (
-            f"{n_tests} tests, corrected together: with no real difference, the chance that any pair is "
-            f"marked distinguishable is at most {alpha:.0%} (uncorrected, about {n_tests * (1 - CONFIDENCE):.1f} "
-            f"of the {n_tests} intervals would exclude 0 by chance)."
+            f"{n_tests} tests, corrected together: with no real difference, the chance that the verdict marks "
+            f"any pair is at most {alpha:.0%} (uncorrected, about {n_tests * (1 - CONFIDENCE):.1f} of the "
+            f"{n_tests} intervals would exclude 0 by chance)."
         ),
     }
 
@@ -350,9 +350,12 @@ def end_values_of_run(reader: Any) -> dict[str, float]:
     """End-of-run evaluation metrics of one run (a :class:`lab.runlog.RunReader` after ``poll``).
 
     ``eval_avg_at_k``: the ``avg_at_k`` of the last record of ``eval.jsonl`` (by step); ``eval/<name>``: the
-    last finite value of that column in ``metrics.jsonl``.
+    last finite value of that column in ``metrics.jsonl``. Nothing for a run that has not finished: its last
+    evaluation is from an earlier step than the others' (the metric is then left out of the verdict).
     """
     found: dict[str, float] = {}
+    if reader.status.get("state") != "finished":
+        return found
     evals = [e for e in reader.evals if _finite(e.get("step")) and _finite(e.get("avg_at_k"))]
     if evals:
         found[EVAL_AVG_AT_K] = float(max(evals, key=lambda e: e["step"])["avg_at_k"])

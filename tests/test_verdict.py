@@ -287,6 +287,11 @@ def test_end_of_run_eval_is_a_metric_only_when_every_run_has_it(tmp_path):
     verdict = compare_runs(dirs)
     assert EVAL_AVG_AT_K not in verdict["metrics"] and "1 of 6" in verdict["left_out_metrics"][EVAL_AVG_AT_K]
     assert "eval_avg_at_k left out" in format_verdict(verdict)
+    # an interrupted run's last evaluation is from an earlier step: not an end-of-run value
+    RunWriter(dirs[-1]).log_eval({"step": 2, "k": 4, "avg_at_k": 0.6, "pass_at_k": 0.9, "n_prompts": 8})
+    assert EVAL_AVG_AT_K in compare_runs(dirs)["metrics"]
+    RunWriter(dirs[-1]).set_status("interrupted", 2, 4)
+    assert "1 of 6" in compare_runs(dirs)["left_out_metrics"][EVAL_AVG_AT_K]
 
 
 def test_eval_columns_in_the_metrics_log_are_metrics(tmp_path):
