@@ -14,6 +14,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from lab.aggregators import DEFAULT_AGGREGATORS
 from lab.dashboard import ui
 from lab.dashboard.colors import color_for, display_name
 from lab.dashboard.safe import css_color, md
@@ -53,7 +54,7 @@ def sidebar() -> ui.Settings:
                         f"<code>{md(path.name)}</code> · {md(state)}", unsafe_allow_html=True)  # fmt: skip
     window = sb.slider("Smoothing (steps)", 1, 100, 1, key="window")
     refresh = sb.number_input("Live refresh (s)", 1.0, 60.0, 3.0, 1.0, key="refresh")
-    sb.caption("Colours: " + ", ".join(display_name(m) for m in ("grpo", "dapo", "dr_grpo", "delta_l")) +
+    sb.caption("Colours: " + ", ".join(display_name(m) for m in DEFAULT_AGGREGATORS) +
                " keep theirs in every chart.")  # fmt: skip
     return ui.Settings(runs_dir=runs_dir, selected=selected, window=int(window), refresh_s=float(refresh),
                        network=network)  # fmt: skip

@@ -17,9 +17,9 @@ What it measures
 
     ``--variant NAME:key=value,...`` compares settings (each run ``--repeats`` times, the variants interleaved
     A, B, A, B so both see the same machine load). Keys: any ``RunConfig`` field (``micro_batch_size=4``,
-    ``max_completion_length=256``) and any ``DeltaLGRPOConfig`` field (``activation_checkpointing=true``,
+    ``max_completion_length=256``) and any ``SpeedConfig`` field (``activation_checkpointing=true``,
     ``use_transformers_continuous_batching=true``), plus ``attn=eager|sdpa`` (the model's attention kernel),
-    ``cpu_gqa=false`` (transformers' own ``repeat_kv`` instead of lab.trainer's grouped-query SDPA on CPU),
+    ``cpu_gqa=false`` (transformers' own ``repeat_kv`` instead of lab.speed's grouped-query SDPA on CPU),
     ``omp_wait_policy=ACTIVE`` (OpenMP threads spin while waiting, libgomp's default; lab.cli sets PASSIVE) and
     ``cb_max_memory_percent=0.02`` (continuous batching's KV-cache reservation; its default, 0.5, reserves half
     of the machine's memory).
@@ -188,24 +188,26 @@ def worker(settings: dict[str, Any], steps: int, model: str, threads: int | None
     from accelerate import Accelerator
 
     import lab.runner as runner
-    from lab.trainer import DeltaLGRPOConfig, DeltaLGRPOTrainer
+    from lab.speed import SpeedConfig, SpeedTrainer
 
     settings = dict(settings)
     attn = settings.pop("attn", None)
-    if settings.pop("cpu_gqa", True) is False:  # undo lab.trainer's grouped-query SDPA on CPU
-        from transformers.integrations import sdpa_attention
+    from transformers.integrations import sdpa_attention
 
-        import lab.trainer
+    from lab.speed import apply_cpu_patches
 
-        sdpa_attention.use_gqa_in_sdpa = lab.trainer._use_gqa_in_sdpa
+    original_gqa = sdpa_attention.use_gqa_in_sdpa
+    apply_cpu_patches()  # what lab.runner does on CPU (this worker process ends after one arm)
+    if settings.pop("cpu_gqa", True) is False:  # transformers' own repeat_kv instead of lab.speed's patch
+        sdpa_attention.use_gqa_in_sdpa = original_gqa
     if (cb_memory := settings.pop("cb_max_memory_percent", None)) is not None:  # a dict field, by one number
         settings["transformers_continuous_batching_config"] = {"max_memory_percent": cb_memory}
     run_fields = {f.name for f in dataclasses.fields(runner.RunConfig)}
     run_settings = {k: settings.pop(k) for k in list(settings) if k in run_fields}
-    trl_fields = {f.name for f in dataclasses.fields(DeltaLGRPOConfig)}
+    trl_fields = {f.name for f in dataclasses.fields(SpeedConfig)}
     unknown = [k for k in settings if k not in trl_fields]
     if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}: not a RunConfig or DeltaLGRPOConfig field, nor attn")
+        raise ValueError(f"unknown setting(s) {unknown}: not a RunConfig or SpeedConfig field, nor attn")
 
     monitor = PhaseMonitor()
     record: dict[str, Any] = {"steps": [], "activation_bytes": defaultdict(int)}
@@ -258,10 +260,10 @@ def worker(settings: dict[str, Any], steps: int, model: str, threads: int | None
 
         setattr(cls, method, wrapper)
 
-    timed(DeltaLGRPOTrainer, "_generate_single_turn", "generate")
-    timed(DeltaLGRPOTrainer, "_generate_and_score_completions", "score")
+    timed(SpeedTrainer, "_generate_single_turn", "generate")
+    timed(SpeedTrainer, "_generate_and_score_completions", "score")
     timed(
-        DeltaLGRPOTrainer,
+        SpeedTrainer,
         "compute_loss",
         "forward",
         first_hook=lambda self: saved_activation_bytes(self.model, record["activation_bytes"]),

@@ -1,4 +1,4 @@
-"""Dashboard speed: 4 runs × 2,000 steps × 64 completions (SYNTHETIC logs from tests/fixtures_runs.py).
+"""Dashboard speed: 4 runs × 2,000 steps × 64 completions (SYNTHETIC logs from lab/synthetic_runs.py).
 
 Measures, as medians over several repeats:
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from lab.dashboard import lengths, noise, overview, weights  # noqa: E402
 from lab.dashboard.data import RunData, RunStore, group_by_label  # noqa: E402
 from lab.runlog import RunWriter  # noqa: E402
-from tests.fixtures_runs import SyntheticRun, append_step, no_fsync, write_run  # noqa: E402
+from lab.synthetic_runs import SyntheticRun, append_step, no_fsync, write_run  # noqa: E402
 
 STEPS, PROMPTS, GENERATIONS = 2000, 8, 8  # 64 completions per step
 AGGREGATORS = ("grpo", "dapo", "dr_grpo", "delta_l")

@@ -2,7 +2,7 @@
 
 What it measures
     One GRPO generation batch (``--prompts`` prompts x ``--num-generations`` completions of up to
-    ``--max-completion-length`` tokens) sampled by ``lab.trainer.DeltaLGRPOTrainer._generate_single_turn``
+    ``--max-completion-length`` tokens) sampled by ``lab.speed.SpeedTrainer._generate_single_turn``
     -- TRL's own generation call with TRL's own sampling settings (temperature 1.0, top_k 0, top_p 1.0) --
     on a Qwen2.5-shaped model with random weights (``lab.models.qwen25_shaped_config``: the real
     architecture and cost, no download) with the lab's LoRA preset, as ``lab train`` runs it on a GPU (bf16,
@@ -16,7 +16,7 @@ What it measures
       static-compile       static cache + transformers' auto-compile of the decode step (``torch.compile``,
                            CUDA only). TRL builds its GenerationConfig with ``disable_compile=True`` and a
                            ``generation_kwargs`` entry cannot override it (duplicate keyword), so the lab sets
-                           it back (``DeltaLGRPOConfig.compile_generation``)
+                           it back (``SpeedConfig.compile_generation``)
       prefill-once         the lab's ``prefill_prompts_once``: each prompt prefilled once, its KV cache shared
                            by its num_generations completions
     Each arm is exactly ``lab train --generation <arm>`` on a GPU (``lab.runner.GENERATION_PATHS``).
@@ -168,7 +168,7 @@ def prompt_batch(args: argparse.Namespace, vocab: int, seed: int) -> list[list[i
 def build_trainer(model, tokenizer, args: argparse.Namespace, arm: str, workdir: Path):
     from datasets import Dataset
 
-    from lab.trainer import DeltaLGRPOConfig, DeltaLGRPOTrainer
+    from lab.speed import SpeedConfig, SpeedTrainer
 
     on_cuda = args.device == "cuda"
     overrides = dict(ARMS[arm])
@@ -176,7 +176,7 @@ def build_trainer(model, tokenizer, args: argparse.Namespace, arm: str, workdir:
         cb = args.cb_config if args.cb_config is not None else None if on_cuda else cpu_cb_config(args)
         if cb is not None:
             overrides["transformers_continuous_batching_config"] = cb
-    config = DeltaLGRPOConfig(
+    config = SpeedConfig(
         output_dir=str(workdir / arm),
         per_device_train_batch_size=args.num_generations,
         num_generations=args.num_generations,
@@ -193,7 +193,7 @@ def build_trainer(model, tokenizer, args: argparse.Namespace, arm: str, workdir:
         seed=args.seed,
         **overrides,
     )
-    trainer = DeltaLGRPOTrainer(
+    trainer = SpeedTrainer(
         model=model,
         processing_class=tokenizer,
         reward_funcs=lambda completions, **kw: [0.0] * len(completions),

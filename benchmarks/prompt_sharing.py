@@ -1,13 +1,13 @@
 """Each prompt once: generation and loss + backward with and without prompt sharing, interleaved A/B.
 
 What it measures
-    The two exact switches of ``lab.trainer`` (``prefill_prompts_once``: generation prefills each distinct
+    The two exact switches of ``lab.speed`` (``prefill_prompts_once``: generation prefills each distinct
     prompt once; ``forward_prompts_once``: the loss forwards each distinct prompt of a micro-batch once and
     shares its grad-carrying KV cache) against TRL's own paths, on the CPU demo (embedded SmolLM2-135M +
     LoRA, ``lab.tasks.DEMO``: prompts_per_step prompts × 8 completions of <= 64 tokens, micro-batches of 8).
 
 How
-    - One ``DeltaLGRPOTrainer`` built by ``lab.runner`` (the lab's own settings); only the two switches flip.
+    - One ``SpeedTrainer`` built by ``lab.runner`` (the lab's own settings); only the two switches flip.
     - Generation: per batch, ``--repeats`` pairs, order alternating (A B, B A, ...), each arm from the same
       seed; timed ``_generate_and_score_completions``. Check: identical completion ids in both arms.
     - Loss: the generation batch of the plain arm, shuffled and split into micro-batches as TRL does; per
@@ -68,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_trainer(args: argparse.Namespace, workdir: Path):
     import lab.runner as runner
     from lab.models import load_model_and_tokenizer, lora_config, resolve_preset
+    from lab.speed import SpeedTrainer
     from lab.tasks import get_task
-    from lab.trainer import DeltaLGRPOTrainer
 
     fields = {"model": args.model, "threads": args.threads, "steps": args.batches}
     if args.max_completion_length:
@@ -83,7 +83,7 @@ def build_trainer(args: argparse.Namespace, workdir: Path):
         args.batches * c.prompts_per_step, seed=0, chat=resolve_preset(c.model).chat, **c.task_options
     )
     model, tokenizer = load_model_and_tokenizer(c.model)
-    trainer = DeltaLGRPOTrainer(
+    trainer = SpeedTrainer(
         model=model,
         processing_class=tokenizer,
         reward_funcs=task.reward_funcs(shaped=c.shaped_reward),
@@ -120,6 +120,10 @@ def loss_and_backward(trainer, parts, share: bool, weights) -> tuple[float, torc
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from lab.speed import apply_cpu_patches
+
+    if not torch.cuda.is_available():
+        apply_cpu_patches()  # as lab.runner does on CPU
     from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
 
     args = parse_args(argv)

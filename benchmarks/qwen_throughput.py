@@ -16,7 +16,7 @@ What it measures
         checkpointing (the lab's GPU settings); on CPU: float32, no checkpointing. Reported: median step
         time, tokens/s (all B x (P+C) tokens per step), peak memory.
     (c) optional (``--trainer-ratio``, on by default): the same shapes through the real trainers, TRL's
-        own ``_compute_loss`` (fused LM head) + backward: ``lab.trainer.DeltaLGRPOTrainer`` with
+        own ``_compute_loss`` (fused LM head) + backward: ``lab.speed.SpeedTrainer`` with
         ``loss_type="delta_l"`` against TRL's ``GRPOTrainer`` with ``"dr_grpo"``, sharing one model, on one
         synthetic generation batch with varied completion lengths, interleaved A/B. Target ratio <= 1.03.
 
@@ -268,7 +268,7 @@ def bench_trainer_ratio(model, args: argparse.Namespace, batch: dict[str, torch.
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from lab.trainer import DeltaLGRPOConfig, DeltaLGRPOTrainer
+    from lab.speed import SpeedConfig, SpeedTrainer
 
     def reward(completions, **kwargs):
         return [0.0 for _ in completions]
@@ -291,11 +291,11 @@ def bench_trainer_ratio(model, args: argparse.Namespace, batch: dict[str, torch.
     )
     data = Dataset.from_dict({"prompt": ["x"] * max(args.train_batch, 2)})
     tokenizer = offline_tokenizer()
-    ours = DeltaLGRPOTrainer(
+    ours = SpeedTrainer(
         model=model,
         processing_class=tokenizer,
         reward_funcs=reward,
-        args=DeltaLGRPOConfig(output_dir=str(workdir / "dl"), loss_type="delta_l", **common),
+        args=SpeedConfig(output_dir=str(workdir / "dl"), loss_type="delta_l", **common),
         train_dataset=data,
     )
     stock = GRPOTrainer(
@@ -353,6 +353,10 @@ def bench_trainer_ratio(model, args: argparse.Namespace, batch: dict[str, torch.
 
 # ---------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from lab.speed import apply_cpu_patches
+
+    if not torch.cuda.is_available():
+        apply_cpu_patches()  # as lab.runner does on CPU
     args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))

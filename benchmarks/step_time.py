@@ -2,12 +2,12 @@
 
 What it measures
     The cost ΔL adds to a GRPO optimizer step. ΔL only rescales the advantages by per-row weights
-    (``lab.trainer``), so its step should cost the same as ``dr_grpo``'s. Target: median step time ratio
+    (``lab.speed``), so its step should cost the same as ``dr_grpo``'s. Target: median step time ratio
     ``delta_l / dr_grpo <= 1.03``.
 
 How
     - One LoRA model (default: the embedded ``smollm2-135m``, the lab's CPU model; ``--model tiny`` for a
-      quick run) is shared by two trainers: ``lab.trainer.DeltaLGRPOTrainer`` with ``loss_type="delta_l"``
+      quick run) is shared by two trainers: ``lab.speed.SpeedTrainer`` with ``loss_type="delta_l"``
       and TRL's own ``trl.GRPOTrainer`` with ``loss_type="dr_grpo"``. Same weights, same memory.
     - ``--batches`` generation batches of the lab's CPU demo (CountDown, ``lab.tasks.DEMO``: G completions
       for each of ``--prompts`` prompts, ``--max-completion-length`` tokens) are generated ONCE each with
@@ -111,8 +111,8 @@ def build_trainers(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any, A
     from trl import GRPOConfig, GRPOTrainer
 
     from lab.models import load_model_and_tokenizer, lora_config, resolve_preset
+    from lab.speed import SpeedConfig, SpeedTrainer
     from lab.tasks import DEMO, get_task
-    from lab.trainer import DeltaLGRPOConfig, DeltaLGRPOTrainer
 
     task = get_task(DEMO["task"])
     data = task.train_dataset(
@@ -147,11 +147,11 @@ def build_trainers(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any, A
         seed=args.seed,
     )
     reward_funcs = task.reward_funcs(shaped=DEMO["shaped"])
-    ours = DeltaLGRPOTrainer(
+    ours = SpeedTrainer(
         model=model,
         processing_class=tokenizer,
         reward_funcs=reward_funcs,
-        args=DeltaLGRPOConfig(
+        args=SpeedConfig(
             output_dir=str(workdir / "delta_l"), loss_type="delta_l", delta_l_alpha=args.alpha, **common
         ),
         train_dataset=data,
@@ -205,6 +205,10 @@ def median(xs: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from lab.speed import apply_cpu_patches
+
+    if not torch.cuda.is_available():
+        apply_cpu_patches()  # as lab.runner does on CPU
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Literal
 
 import torch
 
-Method = Literal["grpo", "dapo", "dr_grpo", "delta_l"]
 METHODS: tuple[str, ...] = ("grpo", "dapo", "dr_grpo", "delta_l")
 LENGTH_DISTRIBUTIONS: tuple[str, ...] = ("uniform", "lognormal", "bimodal")
 

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lab.aggregation import METHODS, check_alpha, counterfactual_cv
+from lab.aggregation import check_alpha, counterfactual_cv
+from lab.aggregators import AGGREGATORS
+from lab.aggregators import get as get_aggregator
 from lab.models import EMBEDDED_MODEL, load_model_and_tokenizer, lora_config, model_path, resolve_preset
 from lab.runlog import CONFIG, METRICS, STATUS, RunWriter, read_json, run_id, run_label
 from lab.tasks import DEMO, FAST, TASKS, get_task
@@ -39,7 +41,7 @@ GENERATION_PATHS: dict[str, dict[str, Any]] = {
     "continuous-batching": {"use_transformers_continuous_batching": True},  # transformers' paged engine
     "static-cache": {"cache_implementation": "static"},
     "static-compile": {"cache_implementation": "static", "compile_generation": True},  # CUDA only
-    "prefill-once": {"prefill_prompts_once": True},  # the lab's: each prompt prefilled once (lab.trainer)
+    "prefill-once": {"prefill_prompts_once": True},  # the lab's: each prompt prefilled once (lab.speed)
 }
 GENERATION_CHOICES = ("auto", *GENERATION_PATHS)
 GPU_ONLY_GENERATION = {  # why each is refused without CUDA
@@ -109,8 +111,8 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """A copy with every ``None`` filled in and every value checked (ValueError names the bad one)."""
         c = dataclasses.replace(self)
-        if c.aggregator not in METHODS:
-            raise ValueError(f"unknown aggregator {c.aggregator!r}; expected one of {', '.join(METHODS)}")
+        if c.aggregator not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {c.aggregator!r}; expected one of {', '.join(AGGREGATORS)}")
         c.alpha = check_alpha(c.alpha)
         if c.preset is not None and c.preset not in RUN_PRESETS:
             raise ValueError(f"unknown preset {c.preset!r}; expected one of {', '.join(RUN_PRESETS)}")
@@ -374,13 +376,15 @@ def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
 
 
 def _trl_args(c: RunConfig, run_dir: Path):
-    from lab.trainer import DeltaLGRPOConfig
+    from lab.speed import SpeedConfig
 
     on_gpu = torch.cuda.is_available()
     accumulation = c.prompts_per_step * c.num_generations // c.micro_batch_size
-    return DeltaLGRPOConfig(
+    aggregator = get_aggregator(c.aggregator)
+    return SpeedConfig(
         output_dir=str(run_dir / CHECKPOINTS),
-        loss_type=c.aggregator,  # TRL's grpo / dapo / dr_grpo, or our delta_l
+        loss_type=aggregator.loss_type,  # TRL's own (grpo, dapo, cispo, ...) or the lab's delta_l
+        **aggregator.trl_settings,  # e.g. GSPO: importance_sampling_level="sequence"
         delta_l_alpha=c.alpha,
         delta_l_scope=c.delta_l_scope,
         max_steps=c.steps,
@@ -503,7 +507,7 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, q
     """
     from accelerate import PartialState
 
-    from lab.trainer import DeltaLGRPOTrainer
+    from lab.speed import SpeedTrainer, cpu_patches
 
     c = config.resolved()
     run_dir = Path(run_dir)
@@ -533,7 +537,7 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, q
             alpha=c.alpha,
             on_step=_evaluator(c, task, tokenizer, eval_data),
         )
-        trainer = DeltaLGRPOTrainer(
+        trainer = SpeedTrainer(
             model=model,
             processing_class=tokenizer,
             reward_funcs=task.reward_funcs(shaped=c.shaped_reward),
@@ -561,7 +565,9 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, q
     writer.truncate_after(start_step)  # steps after the checkpoint are trained (and logged) again
     writer.set_status("running", start_step, c.steps)
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        # CPU only: TRL's LM head and transformers' SDPA take their CPU-friendly paths (lab.speed), undone after.
+        with cpu_patches(enabled=not torch.cuda.is_available()):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
         if trainer.is_world_process_zero():
             _save_interrupted(trainer, writer, c.steps)

@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 from scipy import optimize, stats
 
+from lab.aggregators import order_key
+
 METRICS = ("final_reward", "auc")  # metrics of the training-reward curve
 EVAL_AVG_AT_K = "eval_avg_at_k"  # the last avg_at_k of eval.jsonl: the end-of-run held-out evaluation
 EVAL_COLUMN_PREFIX = "eval/"  # end-of-run columns in metrics.jsonl, used as metrics under their own name
@@ -414,8 +416,7 @@ def curves_from_run_dirs(run_dirs: Iterable[str | Path]) -> tuple[dict[str, dict
 def compare_runs(run_dirs: Iterable[str | Path], **kwargs: Any) -> dict[str, Any]:
     """:func:`verdict_from_curves` of the runs in ``run_dirs`` plus ``warnings`` and ``created``."""
     curves, end_values, warnings = read_runs(run_dirs)
-    order = ["grpo", "dapo", "dr_grpo", "delta_l"]
-    curves = dict(sorted(curves.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 9, kv[0])))
+    curves = dict(sorted(curves.items(), key=lambda kv: order_key(kv[0])))  # registry order
     verdict = verdict_from_curves(curves, end_values=kwargs.pop("end_values", end_values), **kwargs)
     verdict["warnings"] = warnings
     verdict["created"] = time.time()

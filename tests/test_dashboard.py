@@ -19,7 +19,7 @@ from lab.dashboard import colors, launch, lengths, noise, overview, playground, 
 from lab.dashboard.data import RunData, RunStore, downsample, group_by_label, label_curve, reward_range, t95
 from lab.dashboard.ui import VIEWS, runs_dir_from_args
 from lab.runlog import RunWriter
-from tests.fixtures_runs import (
+from lab.synthetic_runs import (
     FIXTURE_KINDS,
     SyntheticRun,
     append_step,

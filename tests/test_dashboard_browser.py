@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from lab.runlog import RunWriter
-from tests.fixtures_runs import SyntheticRun, append_step, make_complete, no_fsync, run_config, write_run
+from lab.synthetic_runs import SyntheticRun, append_step, make_complete, no_fsync, run_config, write_run
 from tests.helpers import free_port
 
 CHROMIUM = "/usr/bin/chromium"

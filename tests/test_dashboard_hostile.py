@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 from lab.dashboard import launch, ui
 from lab.dashboard.safe import css_color, md, sanitize_figure
 from lab.runlog import RunWriter
-from tests.fixtures_runs import SyntheticRun, no_fsync, run_config, write_run
+from lab.synthetic_runs import SyntheticRun, no_fsync, run_config, write_run
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 STATE = '<iframe srcdoc="<script>parent.document.title=1</script>"></iframe>'

@@ -1,6 +1,6 @@
 """One colour per aggregator label, the same in every chart.
 
-The four aggregators have fixed colours; any other label (``delta_l-a0.75``, a custom run) gets a
+Every aggregator of :mod:`lab.aggregators` has its fixed colour; any other label (``delta_l-a0.75``, a custom run) gets a
 deterministic colour from a hash of its name, so it keeps its colour across reruns and sessions.
 ΔL variants with another α stay in ΔL's green family.
 """
@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import hashlib
 
-FIXED_COLORS: dict[str, str] = {
-    "grpo": "#1f77b4",  # blue
-    "dapo": "#ff7f0e",  # orange
-    "dr_grpo": "#9467bd",  # purple
-    "delta_l": "#2ca02c",  # green
-}
+from lab.aggregators import AGGREGATORS
+
+FIXED_COLORS: dict[str, str] = {a.name: a.color for a in AGGREGATORS.values()}  # lab.aggregators
 DELTA_L_FAMILY: tuple[str, ...] = ("#17becf", "#98df8a", "#006d2c", "#74c476", "#00a087", "#bcbd22")
 OTHER_PALETTE: tuple[str, ...] = ("#d62728", "#8c564b", "#e377c2", "#7f7f7f", "#393b79", "#ad494a", "#843c39")
-METHOD_NAMES: dict[str, str] = {"grpo": "GRPO", "dapo": "DAPO", "dr_grpo": "Dr. GRPO", "delta_l": "ΔL"}
+METHOD_NAMES: dict[str, str] = {a.name: a.display for a in AGGREGATORS.values()}
 
 
 def _pick(label: str, palette: tuple[str, ...]) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lab.aggregators import order_key
 from lab.runlog import CONFIG, EVAL, METRICS, PROBES, SAMPLES, STATUS, RunReader, list_runs, read_json
 from lab.verdict import t95
 
@@ -407,12 +408,11 @@ def reward_range(runs: Iterable[RunData], column: str = "reward") -> tuple[float
 
 
 def group_by_label(runs: Iterable[RunData]) -> dict[str, list[RunData]]:
-    """Runs grouped by aggregator label, labels in a stable order (the four methods first)."""
+    """Runs grouped by aggregator label, labels in a stable order (the registry's order, lab.aggregators)."""
     groups: dict[str, list[RunData]] = {}
     for run in runs:
         groups.setdefault(run.label, []).append(run)
-    order = ["grpo", "dapo", "dr_grpo", "delta_l"]
-    return dict(sorted(groups.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else 9, kv[0])))
+    return dict(sorted(groups.items(), key=lambda kv: order_key(kv[0])))  # registry order
 
 
 def final_value(series: pd.Series, fraction: float = 0.1) -> float:

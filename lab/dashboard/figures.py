@@ -67,8 +67,3 @@ def placeholder(title: str, message: str) -> go.Figure:
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
-
-
-def has_data(fig: go.Figure) -> bool:
-    """True when the figure has at least one trace."""
-    return len(fig.data) > 0

@@ -8,8 +8,6 @@ and the extra arguments are parsed by ``lab compare``'s own parser and may not s
 from __future__ import annotations
 
 import argparse
-import hmac
-import ipaddress
 import os
 import re
 import shlex
@@ -23,15 +21,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from lab.aggregation import METHODS
+from lab.access import MIN_TOKEN_LENGTH, TOKEN_ENV, is_loopback, launch_token, token_matches  # noqa: F401 (re-exported)
+from lab.aggregators import AGGREGATORS
+from lab.options import build_parser
 from lab.runlog import list_runs, read_json
 
 LAUNCH_LOG = "launch.log"
 # JSON-free override for tests/demos: LAB_LAUNCH_PREFIX="python -m lab.cli" (split with shlex, no shell)
 PREFIX_ENV = "LAB_LAUNCH_PREFIX"
 # Serving on the network: the Launch tab stays disabled unless this token is set (and typed in the tab)
-TOKEN_ENV = "LAB_LAUNCH_TOKEN"
-MIN_TOKEN_LENGTH = 16
 MAX_STEPS = 100_000
 MAX_SEEDS = 50
 MAX_ALPHA = 4.0
@@ -44,29 +42,6 @@ _UNSET = object()
 # -------------------------------------------------------------------------------------------------------
 # where the dashboard listens, the launch token
 # -------------------------------------------------------------------------------------------------------
-def is_loopback(host: str | None) -> bool:
-    """True for ``localhost`` and loopback IPs; False for ``0.0.0.0``, ``""``/None (all interfaces), others."""
-    if not host:
-        return False
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def launch_token(env: dict[str, str] | os._Environ | None = None) -> str | None:
-    """``LAB_LAUNCH_TOKEN`` when it is long enough to guard the Launch tab, else None."""
-    token = (os.environ if env is None else env).get(TOKEN_ENV, "")
-    return token if len(token) >= MIN_TOKEN_LENGTH else None
-
-
-def token_matches(given: str, expected: str) -> bool:
-    """Constant-time comparison (the time taken does not tell how many characters were right)."""
-    return hmac.compare_digest(given.encode(), expected.encode())
-
-
 # -------------------------------------------------------------------------------------------------------
 # validation of the form
 # -------------------------------------------------------------------------------------------------------
@@ -106,8 +81,6 @@ def _check_bounds(label: str, value: float, low: float, high: float) -> None:
 
 def _compare_parser() -> argparse.ArgumentParser:
     """``lab compare``'s own parser, raising ValueError instead of exiting and requiring nothing."""
-    from lab.cli import build_parser
-
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     compare = sub.choices["compare"]
@@ -188,9 +161,9 @@ def build_compare_args(
     """
     if not aggregators:
         raise ValueError("choose at least one aggregator")
-    unknown = [a for a in aggregators if a not in METHODS]
+    unknown = [a for a in aggregators if a not in AGGREGATORS]
     if unknown:
-        raise ValueError(f"unknown aggregator(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown aggregator(s) {unknown}; choose from {', '.join(AGGREGATORS)}")
     _check_bounds("steps", int(steps), 1, MAX_STEPS)
     _check_bounds("seeds per aggregator", int(seeds), 1, MAX_SEEDS)
     _check_bounds("ΔL α", float(alpha), 0.0, MAX_ALPHA)

@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 import torch
 
 from lab.aggregation import METHODS
+from lab.aggregators import AGGREGATORS
 from lab.dashboard.colors import color_for, display_name
 from lab.dashboard.data import RunData, label_curve
 from lab.dashboard.figures import add_band_line, new_figure, placeholder
@@ -45,11 +46,21 @@ def counterfactual_figure(run: RunData, *, window: int = 1) -> go.Figure:
 def own_cv_figure(groups: Groups, *, window: int = 1) -> go.Figure:
     """Each run's CV under its own aggregator (``cv/<aggregator>``), mean over seeds per label."""
     fig = new_figure("Theoretical CV of each run's own aggregator", "step", "CV (V = |∇J| = 1)")
+    undefined = []  # TRL loss types whose weights x_i the lab does not know (lab.aggregators)
     for label, runs in groups.items():
+        known = AGGREGATORS.get(runs[0].aggregator)
+        if known is None or not known.weights_known:
+            undefined.append(display_name(label))
+            continue
         column = f"cv/{runs[0].aggregator}"
         add_band_line(fig, label_curve(runs, column, window=window), label, band=len(runs) > 1)
+    note = f"Not defined for this loss: {', '.join(undefined)}." if undefined else ""
     if not fig.data:
-        return placeholder("Theoretical CV", "No cv/<method> columns in metrics.jsonl yet.")
+        return placeholder("Theoretical CV", note or "No cv/<method> columns in metrics.jsonl yet.")
+    if note:
+        fig.add_annotation(
+            text=note, showarrow=False, x=1.0, y=1.08, xref="paper", yref="paper", xanchor="right"
+        )
     return fig
 
 

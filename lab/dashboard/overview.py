@@ -13,6 +13,7 @@ from plotly.subplots import make_subplots
 from lab.dashboard.colors import display_name
 from lab.dashboard.data import RunData, final_value, label_curve, numeric_column, reward_range
 from lab.dashboard.figures import add_band_line, new_figure, placeholder
+from lab.evaluation import monotonicity_score
 
 Groups = Mapping[str, Sequence[RunData]]
 
@@ -69,18 +70,9 @@ def eval_figure(groups: Groups, *, metric: str = "avg_at_k") -> go.Figure:
     return fig
 
 
-def _monotonicity() -> Callable | None:
-    """``lab.evaluation.monotonicity_score`` if it exists (it is defined and documented there)."""
-    try:
-        from lab.evaluation import monotonicity_score
-    except ImportError:
-        return None
-    return monotonicity_score
-
-
-def _safe_score(fn: Callable | None, curve: pd.Series) -> float:
-    """``fn(steps, values)`` on a step-indexed curve; NaN when unavailable or invalid."""
-    if fn is None or len(curve) < 2:
+def _safe_score(fn: Callable, curve: pd.Series) -> float:
+    """``fn(steps, values)`` on a step-indexed curve; NaN when too short or invalid."""
+    if len(curve) < 2:
         return float("nan")
     try:
         return float(fn(curve.index.tolist(), curve.tolist()))
@@ -90,7 +82,7 @@ def _safe_score(fn: Callable | None, curve: pd.Series) -> float:
 
 def scores_table(groups: Groups) -> pd.DataFrame:
     """One row per run: state, progress, final reward (last 10% of steps), final eval, monotonicity."""
-    mono = _monotonicity()
+    mono = monotonicity_score
     rows = []
     for label, runs in groups.items():
         for run in runs:
@@ -111,11 +103,6 @@ def scores_table(groups: Groups) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
-
-
-def monotonicity_available() -> bool:
-    """Whether lab.evaluation provides monotonicity_score (the table shows NaN otherwise)."""
-    return _monotonicity() is not None
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from lab.aggregation import LENGTH_DISTRIBUTIONS, METHODS
+from lab.aggregation import LENGTH_DISTRIBUTIONS
+from lab.aggregators import AGGREGATORS, DEFAULT_AGGREGATORS
 from lab.dashboard import launch, lengths, noise, overview, playground, weights
 from lab.dashboard.colors import display_name
 from lab.dashboard.data import RunData, RunStore, group_by_label
@@ -124,7 +125,6 @@ def render_overview(runs: list[RunData], s: Settings) -> None:
     st.dataframe(table, hide_index=True, width="stretch")
     st.caption(
         "final reward: mean over the last 10% of logged steps. Monotonicity: `lab.evaluation.monotonicity_score`"
-        + ("" if overview.monotonicity_available() else " (not available in this checkout: shown as NaN)")
         + "."
     )
 
@@ -331,7 +331,7 @@ def _launch_form(runs_dir: Path) -> None:
     )
     default_name = st.session_state.setdefault("launch_default_name", time.strftime("compare-%Y%m%d-%H%M%S"))
     name = st.text_input("Comparison name (a new folder in the runs dir)", default_name, key="ln_name")
-    aggregators = st.multiselect("Aggregators", list(METHODS), default=list(METHODS), key="ln_aggs",
+    aggregators = st.multiselect("Aggregators", list(AGGREGATORS), default=list(DEFAULT_AGGREGATORS), key="ln_aggs",
                                  format_func=display_name)  # fmt: skip
     c1, c2, c3, c4 = st.columns(4)
     steps = c1.number_input("Steps", 1, launch.MAX_STEPS, FAST["steps"], key="ln_steps")
