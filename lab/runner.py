@@ -144,6 +144,8 @@ class RunConfig:
             c.max_completion_length = d.get("max_completion_length") or _default_max_length(c)
         c.probe_every = c.probe_every or 0
         c.compare_gradients_every = c.compare_gradients_every or 0
+        if not get_aggregator(c.aggregator).weights_known:  # the four aggregators' gradients need their x_i
+            c.compare_gradients_every = 0
         c.save_every = c.save_every or 5
         _check_numbers(c)
         check_generation(c.generation, c.vllm)
