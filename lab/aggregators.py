@@ -74,10 +74,29 @@ def get(name: str) -> Aggregator:
     return AGGREGATORS[name]
 
 
+def split_label(label: str) -> tuple[str, float | str | None]:
+    """``"delta_l-a0.75"`` → ``("delta_l", 0.75)``, ``"delta_l-aauto"`` → ``("delta_l", "auto")``, a plain
+    name → ``(name, None)`` (the comparison's α); ValueError for an unknown name or a bad α."""
+    from lab.auto_alpha import check_alpha_setting
+
+    name, _, alpha = label.partition("-a")
+    if name not in AGGREGATORS or (alpha and name != "delta_l"):
+        raise ValueError(
+            f"unknown aggregator {label!r}; choose from {', '.join(AGGREGATORS)} or delta_l-a<α>"
+        )
+    return name, (check_alpha_setting(alpha) if alpha else None)
+
+
 def parse_names(text: str | list[str]) -> list[str]:
-    """``"cispo,dapo,delta_l"`` (or a list) → validated names, in the given order, no duplicates."""
+    """``"cispo,dapo,delta_l"`` (or a list) → validated names, in the given order, no duplicates. ΔL with its
+    own α is written like its run label: ``delta_l-a0.75``, ``delta_l-aauto`` (beside ``delta_l``)."""
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    bad = [n for n in names if n not in AGGREGATORS]
+    bad = []
+    for n in names:
+        try:
+            split_label(n)
+        except ValueError:
+            bad.append(n)
     if bad or not names:
         raise ValueError(f"unknown aggregator(s) {bad or text!r}; choose from {','.join(AGGREGATORS)}")
     return list(dict.fromkeys(names))

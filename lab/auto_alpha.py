@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lab.aggregation import check_alpha
 from lab.probes import bootstrap_variance_fit, power_law_exponent
 
 AUTO = "auto"
@@ -98,3 +99,29 @@ class AlphaFromProbes:
 def is_auto(alpha: object) -> bool:
     """``alpha`` asks for α from the measured variance (the string ``"auto"``, any case)."""
     return isinstance(alpha, str) and alpha.strip().lower() == AUTO
+
+
+def check_alpha_setting(value: object) -> float | str:
+    """``"auto"`` or a valid α (:func:`lab.aggregation.check_alpha`); anything else: ValueError naming it."""
+    if is_auto(value):
+        return AUTO
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"alpha must be a number >= 0 or 'auto', got {value!r}") from None
+    return check_alpha(value)
+
+
+MIN_GROUP_FOR_AUTO = 3  # the unbiased per-completion variance needs >= 3 completions sharing a prompt
+
+
+def check_auto_alpha(loss_type: str, num_generations: int | None) -> None:
+    """Refuse ``alpha="auto"`` where it cannot work, saying why."""
+    if loss_type != "delta_l":
+        raise ValueError(f"alpha 'auto' sets ΔL's exponent: it needs loss_type 'delta_l', got {loss_type!r}")
+    if num_generations is None or num_generations < MIN_GROUP_FOR_AUTO:
+        raise ValueError(
+            f"alpha 'auto' needs num_generations >= {MIN_GROUP_FOR_AUTO} (the probes' unbiased per-completion "
+            f"variance compares each completion with >= 2 others of its prompt), got {num_generations!r}"
+        )

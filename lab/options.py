@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lab.access import LOCALHOST
 from lab.aggregators import AGGREGATORS, DEFAULT_AGGREGATORS, parse_names
+from lab.auto_alpha import check_alpha_setting
 from lab.models import EMBEDDED_MODEL, PRESETS
 from lab.tasks import TASKS
 
@@ -32,6 +33,13 @@ def _port(text: str) -> int:
 def _aggregator_list(text: str) -> list[str]:
     try:
         return parse_names(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _alpha(text: str) -> float | str:
+    try:
+        return check_alpha_setting(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -69,7 +77,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help=f"preset ({', '.join(PRESETS)}), hub id or local path (default: the preset's; "
         f"{EMBEDDED_MODEL} is the embedded real model)",
     )
-    p.add_argument("--alpha", type=float, default=1.0, help="ΔL exponent α >= 0 (default 1.0)")
+    p.add_argument("--alpha", type=_alpha, default=1.0,
+                   help="ΔL exponent α >= 0 (default 1.0), or 'auto': α from the measured Var(g_i) ∝ L_i^k "
+                   "(lab.auto_alpha; turns on probes, every 2 steps unless --probe-every says otherwise)")  # fmt: skip
     p.add_argument(
         "--delta-l-scope",
         default="batch",

@@ -170,14 +170,16 @@ def truncate_after(path: str | Path, step: int) -> int:
     return len(kept)
 
 
-def run_label(aggregator: str, alpha: float = 1.0) -> str:
-    """``grpo``, ``dapo``, ``dr_grpo``, ``delta_l`` (α = 1) or ``delta_l-a0.75``."""
+def run_label(aggregator: str, alpha: float | str = 1.0) -> str:
+    """``grpo``, ``dapo``, ``dr_grpo``, ``delta_l`` (α = 1), ``delta_l-a0.75`` or ``delta_l-aauto``."""
+    if aggregator == "delta_l" and isinstance(alpha, str) and alpha.strip().lower() == "auto":
+        return "delta_l-aauto"  # α from the measured variance (lab.auto_alpha)
     if aggregator == "delta_l" and float(alpha) != 1.0:
         return f"delta_l-a{float(alpha):g}"
     return aggregator
 
 
-def run_id(aggregator: str, seed: int, alpha: float = 1.0) -> str:
+def run_id(aggregator: str, seed: int, alpha: float | str = 1.0) -> str:
     return f"{run_label(aggregator, alpha)}-s{int(seed)}"
 
 

@@ -21,14 +21,16 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lab.aggregation import check_alpha, counterfactual_cv
-from lab.aggregators import AGGREGATORS
+from lab.aggregation import counterfactual_cv
+from lab.aggregators import AGGREGATORS, split_label
 from lab.aggregators import get as get_aggregator
+from lab.auto_alpha import check_alpha_setting, check_auto_alpha, is_auto
 from lab.models import EMBEDDED_MODEL, load_model_and_tokenizer, lora_config, model_path, resolve_preset
 from lab.runlog import CONFIG, METRICS, STATUS, RunWriter, read_json, run_id, run_label
 from lab.tasks import DEMO, FAST, TASKS, get_task
 
 CHECKPOINTS = "checkpoints"
+AUTO_ALPHA_PROBE_EVERY = 2  # --alpha auto without --probe-every: a probe every 2 steps feeds the α estimate
 
 
 #: Named bundles of defaults: ``fast`` (the default main job) and the SmolLM2 CountDown demo.
@@ -74,7 +76,7 @@ class RunConfig:
     """
 
     aggregator: str = "delta_l"
-    alpha: float = 1.0
+    alpha: float | str = 1.0  # or "auto": α from the probes (lab.auto_alpha)
     delta_l_scope: str = "batch"
     preset: str | None = None
     task: str | None = None
@@ -113,7 +115,7 @@ class RunConfig:
         c = dataclasses.replace(self)
         if c.aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {c.aggregator!r}; expected one of {', '.join(AGGREGATORS)}")
-        c.alpha = check_alpha(c.alpha)
+        c.alpha = check_alpha_setting(c.alpha)
         if c.preset is not None and c.preset not in RUN_PRESETS:
             raise ValueError(f"unknown preset {c.preset!r}; expected one of {', '.join(RUN_PRESETS)}")
         if c.task is not None and c.task not in TASKS:
@@ -143,6 +145,9 @@ class RunConfig:
         if c.max_completion_length is None:
             c.max_completion_length = d.get("max_completion_length") or _default_max_length(c)
         c.probe_every = c.probe_every or 0
+        if is_auto(c.alpha):  # refused here, before any run dir exists, where the probes cannot run
+            check_auto_alpha(c.aggregator, c.num_generations)
+            c.probe_every = c.probe_every or AUTO_ALPHA_PROBE_EVERY
         c.compare_gradients_every = c.compare_gradients_every or 0
         if not get_aggregator(c.aggregator).weights_known:  # the four aggregators' gradients need their x_i
             c.compare_gradients_every = 0
@@ -242,10 +247,10 @@ class RunLogCallback(TrainerCallback):
     records of any probe hook listed in ``probe_hooks``.
     """
 
-    def __init__(self, writer: RunWriter, *, max_length: int, alpha: float = 1.0, on_step=None):
+    def __init__(self, writer: RunWriter, *, max_length: int, alpha: float | str = 1.0, on_step=None):
         self.writer = writer
         self.max_length = int(max_length)
-        self.alpha = float(alpha)
+        self.alpha = 1.0 if is_auto(alpha) else float(alpha)  # auto: the trainer's current α, read per step
         self.trainer = None
         self.probe_hooks: list = []
         self.on_step = on_step  # optional callable(step, trainer) for evaluation; may return an eval record
@@ -295,6 +300,7 @@ class RunLogCallback(TrainerCallback):
         if self.trainer is None:
             return {}
         records, self.trainer.generation_records = self.trainer.generation_records, []
+        self.alpha = float(getattr(self.trainer, "current_alpha", self.alpha))
         cv: dict[str, float] = {}
         for record in records:
             record = {**record, "step": step}
@@ -489,7 +495,7 @@ def _attach_probes(c: RunConfig, trainer, callback: RunLogCallback) -> None:
     small = c.preset == "fast"  # the small model: one batched backward gives every row's gradient
     if c.probe_every:
         hook = make_probe_hook(
-            c.probe_every, alpha=c.alpha, max_length=c.max_completion_length,
+            c.probe_every, alpha=None if is_auto(c.alpha) else c.alpha, max_length=c.max_completion_length,
             max_rows=None if small else 16, batched=small,
         )  # fmt: skip
         trainer.generation_hooks.append(hook)
@@ -646,7 +652,13 @@ def comparison_plan(
     plan = []
     for seed in seeds:
         for agg in aggregators:
-            c = dataclasses.replace(config, aggregator=agg, seed=seed, comparison=out.name).resolved()
+            name, alpha = split_label(agg)  # "delta_l-aauto" / "delta_l-a0.75": ΔL with its own α
+            alpha = config.alpha if alpha is None else alpha
+            c = dataclasses.replace(
+                config, aggregator=name, alpha=alpha, seed=seed, comparison=out.name
+            ).resolved()
+            if any(p[0].run_id == c.run_id for p in plan):
+                raise ValueError(f"aggregators {aggregators} give the run {c.run_id} twice")
             run_dir = out / c.run_id
             check_run_dir(run_dir, agg, resume=resume or _finished(run_dir))
             plan.append((c, run_dir))

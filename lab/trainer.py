@@ -46,8 +46,9 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from lab.aggregation import METHODS, check_alpha, delta_l_row_weights, sequence_weights
+from lab.aggregation import METHODS, delta_l_row_weights, sequence_weights
 from lab.aggregators import LOSS_TYPES, TRL_LOSS_TYPES  # noqa: F401 (TRL_LOSS_TYPES: re-exported)
+from lab.auto_alpha import DEFAULT_ALPHA_MAX, AlphaFromProbes, check_alpha_setting, check_auto_alpha, is_auto
 
 DELTA_L_SCOPES = ("batch", "group")
 SCALED_LOSS_TYPES = METHODS  # those whose Σx_i the lab knows (lab.aggregation)
@@ -58,8 +59,9 @@ class DeltaLGRPOConfig(GRPOConfig):
     """``GRPOConfig`` plus ΔL. ``loss_type="delta_l"`` (the default here) selects ΔL aggregation.
 
     Args:
-        delta_l_alpha: the exponent α in :math:`L_i^{-\\alpha}`; 1.0 is the minimum-variance unbiased
-            choice, 0.0 is exactly ``dr_grpo``; the paper uses 0.75 for Math.
+        delta_l_alpha: α in :math:`L_i^{-\\alpha}`: 1.0 is the minimum-variance unbiased choice if
+            Var(g_i) ∝ L_i, 0.0 is exactly ``dr_grpo``, the paper uses 0.75 for Math; ``"auto"``: α = the
+            measured k of Var(g_i) ∝ L_i^k, from the gradient probes (:mod:`lab.auto_alpha`).
         delta_l_scope: ``"batch"`` normalizes the weights over the whole generation batch (the official
             implementation); ``"group"`` within each prompt's group of completions.
     """
@@ -68,15 +70,14 @@ class DeltaLGRPOConfig(GRPOConfig):
         default="delta_l",
         metadata={"help": f"Loss aggregation, one of {', '.join(LOSS_TYPES)}.", "choices": list(LOSS_TYPES)},
     )
-    delta_l_alpha: float = field(default=1.0, metadata={"help": "ΔL exponent α >= 0 (weights L_i^-α)."})
+    delta_l_alpha: float | str = field(
+        default=1.0, metadata={"help": "ΔL exponent α >= 0 (weights L_i^-α), or 'auto' (α from the probes)."}
+    )
+    delta_l_alpha_max: float = field(default=DEFAULT_ALPHA_MAX, metadata={"help": "'auto': α in [0, this]."})
     delta_l_scope: str = field(
         default="batch",
-        metadata={
-            "help": "Normalize ΔL weights over the generation 'batch' or per prompt 'group'.",
-            "choices": list(DELTA_L_SCOPES),
-        },
+        metadata={"help": "Normalize ΔL weights over the generation 'batch' or per prompt 'group'."},
     )
-
     equalize_step_size: bool = field(
         default=False,
         metadata={
@@ -89,7 +90,9 @@ class DeltaLGRPOConfig(GRPOConfig):
         # Fail at config time, not at step 100 inside _compute_loss.
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
-        self.delta_l_alpha = check_alpha(self.delta_l_alpha)
+        self.delta_l_alpha = check_alpha_setting(self.delta_l_alpha)
+        if is_auto(self.delta_l_alpha):
+            check_auto_alpha(self.loss_type, self.num_generations)
         if self.delta_l_scope not in DELTA_L_SCOPES:
             raise ValueError(f"delta_l_scope must be one of {DELTA_L_SCOPES}, got {self.delta_l_scope!r}")
         if self.equalize_step_size and self.loss_type not in SCALED_LOSS_TYPES:
@@ -112,10 +115,14 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         self.generation_records: list[dict[str, Any]] = []
         self.log_completion_texts = False  # set True to keep the completion texts in generation_records
         # Callables hook(trainer, generation_batch) run after each generation (e.g. lab.probes' gradient probe).
-        self.generation_hooks: list[Callable[[DeltaLGRPOTrainer, dict[str, Any]], None]] = []
-        self.gradient_comparison = (
-            None  # a lab.probes.AggregatorGradientHook: see compare_aggregator_gradients
+        self.generation_hooks: list[Callable[[DeltaLGRPOTrainer, dict[str, Any]], Any]] = []
+        # delta_l_alpha="auto": α follows the probes' measured exponent (a probe hook must be attached)
+        self.alpha_from_probes = (
+            AlphaFromProbes(alpha_max=self.args.delta_l_alpha_max, group_size=self.num_generations)
+            if is_auto(self.args.delta_l_alpha)
+            else None
         )
+        self.gradient_comparison = None  # a lab.probes.AggregatorGradientHook: compare_aggregator_gradients
 
     def compare_aggregator_gradients(self, every: int = 1) -> None:
         """Log, every ``every`` steps, the cosine and norm ratio of the four aggregators' gradients on the
@@ -127,12 +134,8 @@ class DeltaLGRPOTrainer(GRPOTrainer):
             or getattr(self.args, "forward_prompts_once", False)  # needs one forward per row (lab.speed)
             or self.accelerator.num_processes > 1
         ):
-            warnings.warn(
-                "aggregator gradient comparison is off: it needs one process, no gradient checkpointing and "
-                "forward_prompts_once=False",
-                stacklevel=2,
-            )
-            return
+            message = "aggregator gradient comparison is off: it needs one process, no gradient checkpointing"
+            return warnings.warn(message + " and forward_prompts_once=False", stacklevel=2)
         if self.loss_type not in SCALED_LOSS_TYPES:
             raise ValueError(
                 f"the gradient comparison needs loss_type in {SCALED_LOSS_TYPES}, got {self.loss_type!r}"
@@ -146,7 +149,9 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         lengths, weights = self.attach_delta_l_weights(output)
         self._record_generation(output, lengths, weights)
         for hook in self.generation_hooks:
-            hook(self, output)
+            record = hook(self, output)
+            if self.alpha_from_probes is not None and isinstance(record, dict) and "grad_variances" in record:
+                self._log_alpha_fit(self.alpha_from_probes.update(record, step=self.state.global_step + 1))
         return output
 
     def attach_delta_l_weights(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +173,7 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         if self.loss_type == "delta_l":
             weights = delta_l_row_weights(
                 lengths.cpu(),
-                alpha=self.args.delta_l_alpha,
+                alpha=self.current_alpha,
                 max_length=M,
                 group_size=self.num_generations if self.args.delta_l_scope == "group" else None,
             )
@@ -227,12 +232,25 @@ class DeltaLGRPOTrainer(GRPOTrainer):
             self.loss_type = "delta_l"
 
     # -- logging ---------------------------------------------------------------------------------------
+    @property
+    def current_alpha(self) -> float:
+        """The α the weights use now: ``delta_l_alpha``, or with ``"auto"`` the probes' running estimate."""
+        return self.alpha_from_probes.alpha if self.alpha_from_probes is not None else self.args.delta_l_alpha
+
+    def _log_alpha_fit(self, fit: dict[str, Any]) -> None:
+        for key in (
+            ("k", "k_lo", "k_hi") if fit["updated"] else ()
+        ):  # the fit behind a new α, with its interval
+            if fit[key] == fit[key]:  # not NaN
+                self._metrics["train"][f"delta_l/alpha_fit_{key}"].append(float(fit[key]))
+
     def _log_weight_stats(self, weights: torch.Tensor) -> None:
         mode = "train" if self.model.training else "eval"
         active = weights[weights > 0]
         if active.numel() == 0:
             return
         metrics = self._metrics[mode]
+        metrics["delta_l/alpha"].append(float(self.current_alpha))
         metrics["delta_l/weight_mean"].append(active.mean().item())
         metrics["delta_l/weight_min"].append(active.min().item())
         metrics["delta_l/weight_max"].append(active.max().item())

@@ -405,7 +405,7 @@ GENERATION_FIELDS = ("cache_implementation", "compile_generation", "use_transfor
     ],
 )
 def test_device_settings_map_each_generation_path_to_trl_fields(tmp_path, path, expected):
-    from lab.trainer import DeltaLGRPOConfig
+    from lab.speed import SpeedConfig
 
     for on_gpu in (True, False):  # an explicit path is the same on both devices
         settings = device_settings(RunConfig(model="tiny", generation=path), on_gpu=on_gpu)
@@ -413,7 +413,7 @@ def test_device_settings_map_each_generation_path_to_trl_fields(tmp_path, path, 
         assert got == expected, (path, on_gpu)
         assert settings["activation_checkpointing"] is on_gpu
         # TRL accepts it (and, for the compiled path, lab's own check that the cache is static passes)
-        config = DeltaLGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **expected)
+        config = SpeedConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **expected)
         assert config.use_transformers_continuous_batching is bool(
             expected.get("use_transformers_continuous_batching")
         )
@@ -430,10 +430,10 @@ def test_auto_generation_keeps_each_devices_settings():
 
 
 def test_compiled_generation_needs_a_static_cache(tmp_path):
-    from lab.trainer import DeltaLGRPOConfig
+    from lab.speed import SpeedConfig
 
     with pytest.raises(ValueError, match="compile_generation needs cache_implementation='static'"):
-        DeltaLGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], compile_generation=True)
+        SpeedConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], compile_generation=True)
 
 
 @pytest.mark.slow

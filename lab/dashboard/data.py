@@ -157,7 +157,17 @@ class RunData:
         return str(self.config.get("aggregator") or self.label.split("-a")[0])
 
     @property
+    def alpha_is_auto(self) -> bool:
+        """The run set α from its probes (``--alpha auto``, lab.auto_alpha)."""
+        value = self.config.get("alpha")
+        return isinstance(value, str) and value.strip().lower() == "auto"
+
+    @property
     def alpha(self) -> float:
+        """ΔL's α: the configured one, or with ``auto`` the last logged ``delta_l/alpha`` (1 before any)."""
+        if self.alpha_is_auto:
+            logged = numeric_column(self.metrics, "delta_l/alpha")
+            return float(logged.iloc[-1]) if not logged.empty else 1.0
         try:
             return float(self.config.get("alpha", 1.0))
         except (TypeError, ValueError):

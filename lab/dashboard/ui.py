@@ -237,6 +237,8 @@ def render_weights(runs: list[RunData], s: Settings) -> None:
               "w_weights")  # fmt: skip
     with right:
         chart(weights.alpha_sweep_figure(batch, run.max_completion_length, alpha), "w_sweep")
+    if any(r.alpha_is_auto for r in runs):
+        chart(weights.alpha_over_steps_figure(group_by_label(runs), window=s.window), "w_alpha_steps")
     st.caption(
         "Recomputed with `lab.aggregation.sequence_weights` over the whole batch (as the official code), "
         "normalized to mean 1. α=0 is Dr. GRPO (equal weights); α=1 is inverse-variance weighting."

@@ -6,13 +6,15 @@ the whole batch as the official code does, and shown as w_i = x_i / mean_j x_j (
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import plotly.graph_objects as go
 
 from lab.aggregation import delta_l_row_weights, estimator_stats, sequence_weights
-from lab.dashboard.colors import color_for
-from lab.dashboard.data import SampleBatch
-from lab.dashboard.figures import new_figure
+from lab.dashboard.colors import color_for, display_name
+from lab.dashboard.data import RunData, SampleBatch, label_curve
+from lab.dashboard.figures import add_band_line, new_figure, placeholder
 
 REFERENCE_ALPHAS = (0.0, 0.5, 0.75, 1.0)
 
@@ -87,4 +89,16 @@ def alpha_sweep_figure(batch: SampleBatch, max_length: float | None, alpha: floa
                              line={"color": color_for("dr_grpo"), "width": 2}))  # fmt: skip
     fig.add_vline(x=alpha, line={"dash": "dash", "color": "grey"})
     fig.add_vline(x=1.0, line={"dash": "dot", "color": "black"}, annotation_text="α=1: min variance")
+    return fig
+
+
+def alpha_over_steps_figure(groups: Mapping[str, Sequence[RunData]], *, window: int = 1) -> go.Figure:
+    """``delta_l/alpha`` over steps, one line per run: constant for a fixed α, moving with ``--alpha auto``."""
+    fig = new_figure("ΔL's α over steps (auto: re-estimated from the probes)", "step", "α")
+    for label, runs in groups.items():
+        for run in runs:
+            curve = label_curve([run], "delta_l/alpha", window=window)
+            add_band_line(fig, curve, label, name=f"{display_name(label)} · {run.run_id}", band=False)
+    if not fig.data:
+        return placeholder("ΔL's α over steps", "No delta_l/alpha in metrics.jsonl (only ΔL runs log it).")
     return fig

@@ -38,7 +38,7 @@ class ProbeHook:
     not resolve the mean gradient from its noise, see :func:`bootstrap_cv`). Only the main process probes
     (its own rows).
 
-    ``alpha`` and ``max_length`` default to the trainer's ``args.delta_l_alpha`` (1.0 if absent) and
+    ``alpha`` and ``max_length`` default to the trainer's ``current_alpha`` (1.0 if absent) and
     ``max_completion_length``; ``max_rows`` caps the cost (rounded down to whole prompt groups).
     """
 
@@ -81,7 +81,6 @@ class ProbeHook:
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
         mask = mask[:rows]
-        args = getattr(trainer, "args", None)
         batch = (
             output["prompt_ids"][:rows],
             output["prompt_mask"][:rows],
@@ -98,7 +97,7 @@ class ProbeHook:
         record = probe_statistics(
             grads,
             lengths,
-            alpha=self.alpha if self.alpha is not None else float(getattr(args, "delta_l_alpha", 1.0)),
+            alpha=self.alpha if self.alpha is not None else float(getattr(trainer, "current_alpha", 1.0)),
             max_length=max(float(self.max_length or trainer.max_completion_length), float(lengths.max())),
             group_size=group if group and rows % group == 0 else None,
             advantages=output["advantages"][:rows].detach().cpu().reshape(rows, -1)[:, 0],
@@ -230,7 +229,7 @@ class AggregatorGradientHook:
         M = max(float(trainer.max_completion_length), float(lengths.max()))
         x = batch_weights(
             lengths,
-            alpha=float(getattr(args, "delta_l_alpha", 1.0)),
+            alpha=float(getattr(trainer, "current_alpha", 1.0)),
             max_length=M,
             delta_l_group_size=trainer.num_generations
             if getattr(args, "delta_l_scope", "batch") == "group"
