@@ -78,3 +78,44 @@ def test_mismatched_record_is_refused():
 
 def test_is_auto():
     assert is_auto("auto") and is_auto(" AUTO ") and not is_auto(1.0) and not is_auto("1.0")
+
+
+# -- wired in: config, run config, a real run ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"loss_type": "grpo"}, "needs loss_type 'delta_l', got 'grpo'"),
+     ({"num_generations": 2, "per_device_train_batch_size": 2, "generation_batch_size": 2},
+      "needs num_generations >= 3"),
+     ({"delta_l_alpha": "often"}, "alpha must be a number >= 0 or 'auto', got 'often'")],
+)  # fmt: skip
+def test_trainer_config_refuses_auto_where_probes_cannot_run(tmp_path, overrides, message):
+    from lab.trainer import DeltaLGRPOConfig
+
+    settings = {"output_dir": str(tmp_path), "report_to": [], "use_cpu": True, "bf16": False}
+    with pytest.raises(ValueError, match=message):
+        DeltaLGRPOConfig(**{"delta_l_alpha": "auto", **settings, **overrides})
+
+
+def test_run_config_refuses_auto_for_other_aggregators_before_anything_exists(tmp_path):
+    from lab.runner import RunConfig
+
+    with pytest.raises(ValueError, match="needs loss_type 'delta_l', got 'dapo'"):
+        RunConfig(aggregator="dapo", alpha="auto").resolved()
+    with pytest.raises(ValueError, match="needs num_generations >= 3"):
+        RunConfig(aggregator="delta_l", alpha="auto", num_generations=2).resolved()
+    resolved = RunConfig(aggregator="delta_l", alpha="auto", probe_every=0, preset="fast").resolved()
+    assert resolved.probe_every >= 1 and resolved.run_id == "delta_l-aauto-s0"
+
+
+def test_a_fast_run_with_auto_alpha_logs_a_moving_alpha(tmp_path):
+    from lab.runlog import read_jsonl
+    from lab.runner import RunConfig, train_run
+
+    config = RunConfig(aggregator="delta_l", alpha="auto", steps=6, probe_every=2, preset="fast",
+                       compare_gradients_every=0)  # fmt: skip
+    run_dir = train_run(config, tmp_path / "run", quiet=True)
+    rows, _ = read_jsonl(run_dir / "metrics.jsonl")
+    alphas = [r["delta_l/alpha"] for r in rows]
+    assert len(alphas) == 6 and alphas[0] == 1.0  # starts at the paper's α until two probes exist
+    assert len(set(alphas)) > 1, alphas  # then follows the measured exponent
+    assert any("delta_l/alpha_fit_k" in r for r in rows)
