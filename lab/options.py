@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lab.access import LOCALHOST
 from lab.aggregators import AGGREGATORS, DEFAULT_AGGREGATORS, parse_names
-from lab.auto_alpha import check_alpha_setting
+from lab.auto_alpha import is_auto
 from lab.models import EMBEDDED_MODEL, PRESETS
 from lab.tasks import TASKS
 
@@ -38,10 +38,13 @@ def _aggregator_list(text: str) -> list[str]:
 
 
 def _alpha(text: str) -> float | str:
+    """A number or 'auto'; the range is checked with the rest of the run config (lab.runner)."""
+    if is_auto(text):
+        return "auto"
     try:
-        return check_alpha_setting(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'auto', got {text!r}") from None
 
 
 def _length_range(text: str) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from lab.aggregation import METHODS, estimator_stats
+from lab.aggregators import AGGREGATORS
 from lab.dashboard import colors, launch, lengths, noise, overview, playground, ui, weights
 from lab.dashboard.data import RunData, RunStore, downsample, group_by_label, label_curve, reward_range, t95
 from lab.dashboard.ui import VIEWS, runs_dir_from_args
@@ -441,7 +442,7 @@ def complete_runs(roots) -> list[RunData]:
 
 def test_colors_fixed_and_deterministic():
     assert colors.color_for("delta_l") == colors.FIXED_COLORS["delta_l"]
-    assert len(set(colors.FIXED_COLORS.values())) == 4
+    assert len(set(colors.FIXED_COLORS.values())) == len(AGGREGATORS)  # one colour per registry entry
     assert colors.color_for("delta_l-a0.75") == colors.color_for("delta_l-a0.75")
     assert colors.color_for("delta_l-a0.75") in colors.DELTA_L_FAMILY
     assert colors.color_for("my-run") in colors.OTHER_PALETTE
