@@ -36,6 +36,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _out_dir(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "is empty: give the folder to write the runs into, e.g. --out runs/mine"
+        )
+    return Path(text)
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65535:
@@ -194,7 +202,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="runs trained at the same time, each in its own process (fast: 2, else 1)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint(s) in --out")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", required=True, type=_out_dir, help="output directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_dashboard(args)
 
     from lab.models import ModelUnavailableError
+    from lab.rundir import RunFailed, RunsFailed, describe_os_error
     from lab.runner import raise_keyboard_interrupt, run_comparison, run_defaults
 
     aggregators = [args.aggregator] if args.command == "train" else args.aggregators
@@ -303,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, ModelUnavailableError) as err:
         print(f"lab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (RunFailed, RunsFailed) as err:  # reliability: one line; each run's status.json says why
+        print(f"lab {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. a full disk while a run dir is set up
+        print(f"lab {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     finally:
         _close_distributed()
     print(f"done: {args.out}  (dashboard: lab dashboard --runs-dir {args.out})")

@@ -40,6 +40,29 @@ class RunDirBusy(RunDirError):
     """Another live process holds the run dir's lock."""
 
 
+class RunFailed(RuntimeError):
+    """A run stopped by an OS error (disk full, read-only): one line for the user; status.json says it too."""
+
+
+class RunsFailed(RuntimeError):
+    """Runs of a comparison that did not finish (the verdict of those that did is written)."""
+
+    def __init__(self, failures: list[str]):
+        self.failures = failures
+        super().__init__(f"{len(failures)} run(s) did not finish: " + "; ".join(failures))
+
+
+def check_before_writing(run_dir: Path, requested: Mapping[str, Any], *, resume: bool) -> None:
+    """Refuse (RunDirError), before anything is written, a run dir another process writes, or one whose
+    stored run trains something else than ``requested`` (a resume, or a finished run to be skipped)."""
+    if is_locked(run_dir):
+        raise RunDirBusy(busy_message(run_dir))
+    if resume and run_dir.is_dir():
+        check_same_config(run_dir, requested)
+        if (read_json(run_dir / STATUS) or {}).get("state") != "finished":
+            choose_checkpoint(run_dir)  # no intact checkpoint for logged steps: refused now, not mid-way
+
+
 # -------------------------------------------------------------------------------------------------------
 # one writer per run dir
 # -------------------------------------------------------------------------------------------------------
@@ -301,6 +324,32 @@ def choose_checkpoint(run_dir: Path) -> ResumePoint:
 # -------------------------------------------------------------------------------------------------------
 # OS errors in one line
 # -------------------------------------------------------------------------------------------------------
+def record_failure(writer: Any, err: BaseException, step: int, max_steps: int, created: list[Path]) -> None:
+    """Mark a run failed with a readable reason; a run that failed before its first step and made its dir
+    leaves no dir behind. Never raises: the caller raises ``err`` (a full disk may refuse the status too)."""
+    reason = describe_os_error(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+    if step == 0 and created:
+        remove_created(created)
+        return
+    try:
+        writer.set_status("failed", step, max_steps, error=reason)
+    except OSError:
+        pass
+
+
+def mark_killed(run_dir: Path, reason: str) -> None:
+    """Mark the run of a worker that died under it as failed (the worker could not), if it got started."""
+    from lab.runlog import RunWriter
+
+    status = read_json(run_dir / STATUS)
+    if status is None or status.get("state") != "running":
+        return
+    step, total = status.get("step"), status.get("max_steps")
+    RunWriter(run_dir).set_status(
+        "failed", step if isinstance(step, int) else 0, total if isinstance(total, int) else 0, error=reason
+    )
+
+
 def describe_os_error(err: OSError) -> str:
     """One line for an OS error of a run: what it means for the user, and the path."""
     where = f" ({err.filename})" if err.filename else ""
