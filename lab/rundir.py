@@ -363,10 +363,12 @@ def describe_os_error(err: OSError) -> str:
 # -------------------------------------------------------------------------------------------------------
 # settings checked before any dir is made
 # -------------------------------------------------------------------------------------------------------
-def check_out(out: Path) -> None:
-    """ValueError unless ``out`` can hold run dirs: not empty, and its nearest existing folder writable."""
+def check_out(out: str | Path) -> None:
+    """ValueError unless ``out`` can hold run dirs: not an empty string (``Path("")`` would mean the current
+    folder), and its nearest existing folder writable."""
     if not str(out).strip():
         raise ValueError("--out is empty: give the folder to write the runs into, e.g. --out runs/mine")
+    out = Path(out)
     existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     if existing.is_dir() and not _writable(existing):
         raise ValueError(f"--out {out}: {existing} is not writable (read-only or no permission)")

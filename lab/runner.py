@@ -648,8 +648,8 @@ def comparison_plan(
     Same prompts, seeds and sampling settings for every aggregator: only ``aggregator`` differs between
     the runs of one seed. Raises ValueError/FileExistsError naming the first bad value.
     """
-    out = Path(out)
     rundir.check_out(out)  # reliability: empty or read-only --out
+    out = Path(out)
     if not aggregators:
         raise ValueError("no aggregators to compare")
     if len(set(aggregators)) != len(aggregators):
