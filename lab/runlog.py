@@ -47,7 +47,7 @@ that leads out of the run dir (a symlink), read at most :data:`MAX_LOG_BYTES` of
 :data:`MAX_JSON_BYTES` of a JSON file, skip lines longer than :data:`MAX_LINE_BYTES`, and skip (and count)
 lines that are not a JSON object, nest deeper than Python can parse, hold an integer of more than
 :data:`MAX_INT_DIGITS` digits or a non-finite number, or carry a ``step`` that is not an integer in
-0..:data:`MAX_STEP`. A log file that was replaced or truncated (a resume) is read again from its start.
+0..:data:`MAX_STEP`. A log file that was replaced or cut (a resume) is read again from its start.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ import math
 import os
 import stat
 import time
+import zlib
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ MAX_LINE_BYTES = 16 * 2**20  # a longer line is skipped (a samples line with tex
 MAX_JSON_BYTES = 4 * 2**20  # config.json, status.json, verdict.json
 MAX_INT_DIGITS = 18  # an integer beyond int64 is not a value the lab writes
 MAX_STEP = 10**9
+TAIL_CHECK_BYTES = 4096  # bytes before the read offset compared at each incremental read
 
 
 def _json_safe(value: Any) -> Any:
@@ -170,7 +172,7 @@ class LogRead:
 
     records: list[dict]
     offset: int
-    identity: tuple[int, int] | None = None  # (device, inode) of the file read
+    identity: tuple[int, int, int] | None = None  # (device, inode, CRC of the bytes before offset)
     skipped: int = 0  # complete lines that were not a record within bounds
     reasons: Counter = field(default_factory=Counter)
     warning: str | None = None  # why the file (or its tail) was not read
@@ -181,13 +183,15 @@ def read_log(
     path: str | Path,
     offset: int = 0,
     *,
-    identity: tuple[int, int] | None = None,
+    identity: tuple[int, int, int] | None = None,
     root: str | Path | None = None,
 ) -> LogRead:
     """The complete lines of ``path`` from byte ``offset``, within the readers' bounds (module docstring).
 
-    ``identity`` is the (device, inode) the previous read returned: if the file is another one now (a
-    resume replaced it) or shorter than ``offset``, it is read from the start and ``reset`` is True.
+    ``identity`` is what the previous read returned: (device, inode, CRC of the :data:`TAIL_CHECK_BYTES`
+    before ``offset``). If the file is another one now (a resume replaced it), is shorter than ``offset``, or
+    its bytes before ``offset`` changed (cut in place and written again), it is read from the start and
+    ``reset`` is True.
     """
     path = Path(path)
     try:
@@ -198,23 +202,27 @@ def read_log(
         return LogRead([], offset, warning=str(err) if isinstance(err, Refused) else f"{path.name}: {err}")
     try:
         info = os.fstat(fd)
-        now = (info.st_dev, info.st_ino)
-        reset = (identity is not None and identity != now) or info.st_size < offset
+        reset = info.st_size < offset or (
+            identity is not None
+            and (identity[:2] != (info.st_dev, info.st_ino) or identity[2] != _tail_crc(fd, offset))
+        )
         start = 0 if reset else offset
-        if start >= MAX_LOG_BYTES:
-            return LogRead([], start, now, reset=reset, warning=_cap_warning(path))
-        os.lseek(fd, start, os.SEEK_SET)
-        data = _read_up_to(fd, min(info.st_size, MAX_LOG_BYTES) - start)
+        data = b""
+        if start < MAX_LOG_BYTES:
+            os.lseek(fd, start, os.SEEK_SET)
+            data = _read_up_to(fd, min(info.st_size, MAX_LOG_BYTES) - start)
+        end = data.rfind(b"\n")
+        endless = len(data) - (end + 1) > MAX_LINE_BYTES  # an endless partial last line: step over it
+        new_offset = start + (len(data) if endless else end + 1)
+        result = LogRead([], new_offset, (info.st_dev, info.st_ino, _tail_crc(fd, new_offset)), reset=reset)
     finally:
         os.close(fd)
-    result = LogRead([], start, now, reset=reset)
-    end = data.rfind(b"\n")
-    if end < 0:
-        if len(data) > MAX_LINE_BYTES:  # one endless partial line: step over it
-            result.offset, result.skipped = start + len(data), 1
-            result.reasons["longer than MAX_LINE_BYTES"] += 1
-        return result
-    for raw in data[: end + 1].split(b"\n"):
+    if start + len(data) >= MAX_LOG_BYTES:
+        result.warning = _cap_warning(path)
+    if endless:
+        result.skipped = 1
+        result.reasons["longer than MAX_LINE_BYTES"] += 1
+    for raw in data[: end + 1].split(b"\n") if end >= 0 else ():
         if not raw.strip():
             continue
         record, why = (None, "longer than MAX_LINE_BYTES") if len(raw) > MAX_LINE_BYTES else parse_record(raw)
@@ -223,10 +231,13 @@ def read_log(
             result.reasons[why] += 1
         else:
             result.records.append(record)
-    result.offset = start + end + 1
-    if start + len(data) >= MAX_LOG_BYTES:
-        result.warning = _cap_warning(path)
     return result
+
+
+def _tail_crc(fd: int, offset: int) -> int:
+    """CRC of the bytes just before ``offset``: a file cut in place and written again no longer matches."""
+    n = min(TAIL_CHECK_BYTES, offset)
+    return zlib.crc32(os.pread(fd, n, offset - n)) if n > 0 else 0
 
 
 def _cap_warning(path: Path) -> str:
@@ -436,7 +447,7 @@ class RunReader:
     evals: list[dict] = field(default_factory=list)
     probes: list[dict] = field(default_factory=list)
     offsets: dict[str, int] = field(default_factory=dict)
-    identities: dict[str, tuple[int, int]] = field(default_factory=dict)
+    identities: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)  # bad lines per file, over all polls
     last_skipped: dict[str, int] = field(default_factory=dict)  # bad lines per file, in the last poll
     problems: dict[str, str] = field(default_factory=dict)  # per file: why it (or its tail) is not read

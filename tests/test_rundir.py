@@ -100,7 +100,7 @@ def test_the_same_settings_pass_and_harmless_ones_may_change(tmp_path):
 def test_logged_steps_without_a_readable_config_are_refused(tmp_path):
     RunWriter(tmp_path).log_metrics({"step": 1})
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(rundir.RunDirError, match="config.json is missing or unreadable"):
+    with pytest.raises(rundir.RunDirError, match=r"config\.json is missing or unreadable"):
         rundir.check_same_config(tmp_path, {"steps": 2})
 
 
@@ -155,7 +155,7 @@ def test_logged_steps_without_an_intact_checkpoint_are_refused_not_restarted(tmp
         rundir.choose_checkpoint(tmp_path)
     cut(make_checkpoint(tmp_path, 1) / "optimizer.pt", 100)
     writer.write_config({"run": {"steps": 5}})
-    with pytest.raises(rundir.RunDirError, match="broken: .*optimizer.pt"):
+    with pytest.raises(rundir.RunDirError, match=r"broken: .*optimizer\.pt"):
         rundir.check_before_writing(tmp_path, {"steps": 5}, resume=True)
 
 
@@ -213,7 +213,7 @@ def test_bad_seeds_are_named(seed):
 
 def test_unknown_report_to_is_named():
     rundir.check_report_to(["none"])
-    with pytest.raises(ValueError, match="unknown integration.*bogus"):
+    with pytest.raises(ValueError, match=r"unknown integration.*bogus"):
         rundir.check_report_to(["tensorboard", "bogus"])
 
 
