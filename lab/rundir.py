@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import struct
+import time
 import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from typing import Any
 from lab.runlog import CONFIG, METRICS, STATUS, read_json
 
 LOCK = ".lock"
+LOCK_ATTEMPTS = 5  # 0.1 s in all
 CHECKPOINTS = "checkpoints"
 #: RunConfig fields that do not change what is trained or logged, so a resume may give them anew: CPU threads,
 #: completion texts kept or not, TRL's reporting, checkpoint spacing, the comparison's folder name, vLLM's
@@ -96,11 +98,15 @@ def acquire_lock(run_dir: str | Path) -> RunLock:
     """Lock ``run_dir`` (which must exist) for this process, or RunDirBusy naming the dir and the holder."""
     path = Path(run_dir) / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RunDirBusy(busy_message(Path(run_dir))) from None
+    for attempt in range(LOCK_ATTEMPTS):  # a busy probe (is_locked) holds it for microseconds: try again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == LOCK_ATTEMPTS - 1:
+                os.close(fd)
+                raise RunDirBusy(busy_message(Path(run_dir))) from None
+            time.sleep(0.02)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return RunLock(path, fd)
@@ -113,7 +119,8 @@ def busy_message(run_dir: Path) -> str:
 
 
 def is_locked(run_dir: str | Path) -> bool:
-    """Whether a live process holds ``run_dir``'s lock (probes it without keeping it; creates nothing)."""
+    """Whether a live process holds ``run_dir``'s lock (creates nothing). The probe takes the lock for an
+    instant if it is free; a writer starting in that instant retries (:data:`LOCK_ATTEMPTS`)."""
     path = Path(run_dir) / LOCK
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)

@@ -252,3 +252,46 @@ def test_a_killed_worker_loses_its_run_only_and_the_queue_goes_on():
         "queued-2",
         "slow",
     ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Launch tab: extra arguments bounded like the form's fields, blank tokens, a busy comparison
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra",
+    ["--prompts-per-step 100000000", "--eval-prompts 1000000", "--num-generations 5000", "--workers 10000",
+     "--max-completion-length 10000000", "--threads 999", "--seed -1"],
+)  # fmt: skip
+def test_launch_extras_are_bounded_like_the_forms_fields(tmp_path, extra):
+    from lab.dashboard import launch
+
+    option = extra.split()[0]
+    with pytest.raises(ValueError, match=rf"{option} must be between"):
+        launch.plan_launch(tmp_path, "c1", ["grpo"], steps=2, seeds=1, extra=extra)
+    assert not (tmp_path / "c1").exists()
+    launch.plan_launch(
+        tmp_path, "c1", ["grpo"], steps=2, seeds=1, extra="--prompts-per-step 4 --eval-prompts 8"
+    )
+
+
+def test_a_launch_token_of_spaces_is_refused():
+    from lab.dashboard import launch
+
+    assert launch.launch_token({launch.TOKEN_ENV: " " * 40}) is None
+    assert launch.launch_token({launch.TOKEN_ENV: " " * 10 + "x" * 15}) is None
+    assert launch.launch_token({launch.TOKEN_ENV: "x" * 16}) == "x" * 16
+
+
+def test_launch_refuses_a_comparison_another_process_writes(tmp_path):
+    from lab.dashboard import launch
+
+    run_dir = tmp_path / "c1" / "grpo-s0"
+    run_dir.mkdir(parents=True)
+    proc = hold_lock_in_child(run_dir)
+    try:
+        with pytest.raises(ValueError, match=rf"{run_dir} is being written by process {proc.pid}"):
+            launch.plan_launch(tmp_path, "c1", ["grpo"], steps=2, seeds=1, extra="--resume")
+    finally:
+        proc.kill()
+        proc.wait()
+    launch.plan_launch(tmp_path, "c1", ["grpo"], steps=2, seeds=1, extra="--resume")
