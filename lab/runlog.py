@@ -147,7 +147,7 @@ def _no_constant(text: str) -> None:
 
 def parse_record(raw: bytes | str) -> tuple[dict | None, str | None]:
     """``(record, None)`` for a line holding a JSON object within the readers' bounds, else ``(None, why)``."""
-    try:
+    try:  # the number hooks cost ~1.5x json's plain C parse (a regex pre-filter cost more than that)
         value = json.loads(
             raw, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant
         )
