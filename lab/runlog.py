@@ -29,6 +29,9 @@ A comparison is a folder of run dirs, ``runs/<comparison>/<run_id>/`` with ``run
     ``intercept``, ``correlation``, ``exponent`` (Var(g_i) against L_i), ``cv`` ({method: measured CV}).
 ``checkpoints/``
     Trainer checkpoints (``checkpoint-<step>``) for ``--resume``.
+``.lock``
+    Held (``flock``) by the one process that writes the run; holds its PID (:mod:`lab.rundir`). Readers
+    never touch it.
 
 Beside the run dirs, a comparison dir holds ``verdict.json`` (written by ``lab compare`` when it ends,
 :mod:`lab.verdict`): ``{"seeds": S, "pairs": [{"a", "b", "metric": "final_reward"|"auc", "mean_diff",
