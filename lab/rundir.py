@@ -54,6 +54,11 @@ class RunsFailed(RuntimeError):
         super().__init__(f"{len(failures)} run(s) did not finish: " + "; ".join(failures))
 
 
+def is_main_rank() -> bool:
+    """Rank 0 of a torchrun/accelerate launch (they set ``RANK``), or a plain single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def check_before_writing(run_dir: Path, requested: Mapping[str, Any], *, resume: bool) -> None:
     """Refuse (RunDirError), before anything is written, a run dir another process writes, or one whose
     stored run trains something else than ``requested`` (a resume, or a finished run to be skipped).
@@ -61,7 +66,7 @@ def check_before_writing(run_dir: Path, requested: Mapping[str, Any], *, resume:
     Under torchrun/accelerate only rank 0 writes (and locks), so only rank 0 probes the lock: another rank
     would find its own run's lock held.
     """
-    if os.environ.get("RANK", "0") == "0" and is_locked(run_dir):
+    if is_main_rank() and is_locked(run_dir):
         raise RunDirBusy(busy_message(run_dir))
     if resume and run_dir.is_dir():
         check_same_config(run_dir, requested)

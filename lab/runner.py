@@ -499,8 +499,6 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, q
     replaces transformers' progress bar and log dicts by one short line every 10% of the steps (for runs
     that share a terminal with others).
     """
-    from accelerate import PartialState
-
     c = config.resolved()
     run_dir = Path(run_dir)
     # reliability: busy dir, changed settings and the checkpoint are settled before anything is written
@@ -509,7 +507,7 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, q
     start = rundir.choose_checkpoint(run_dir) if resume else rundir.ResumePoint(None, [])
     for problem in start.skipped:
         print(f"{run_dir}: checkpoint skipped, broken file: {problem}", file=sys.stderr, flush=True)
-    is_main = PartialState().is_main_process
+    is_main = rundir.is_main_rank()  # the trainer's PartialState is not set up yet (its args do that)
     created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     lock = None
     if is_main:

@@ -189,7 +189,9 @@ def test_a_verdict_with_malformed_pairs_keeps_the_good_ones(tmp_path):
     assert verdict["pairs"] == [good] and verdict["labels"] == {}
     assert verdict["warnings"] == ["5 malformed pair(s) in verdict.json left out"]
     (tmp_path / "verdict.json").write_text(json.dumps({"pairs": [{**good, "n_seeds": 10**30}]}))
-    assert read_verdict(tmp_path) is None  # an integer beyond bounds: the file is unreadable (views recompute)
+    assert (
+        read_verdict(tmp_path) is None
+    )  # an integer beyond bounds: the file is unreadable (views recompute)
 
 
 def test_a_run_dir_symlinked_from_elsewhere_is_not_listed(tmp_path):
