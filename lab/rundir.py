@@ -1,8 +1,8 @@
 """Guards of a run dir's writer: one writer at a time, a run's config as its identity, a checkpoint to resume
 from that is intact, OS errors in one line, and the settings checked before any dir is made.
 
-The outcomes are listed in docs/reliability.md. Readers of a run dir (the dashboard, :mod:`lab.verdict`)
-never use anything here: they never lock.
+The outcomes are listed in docs/reliability.md. Readers of a run dir (the dashboard's views,
+:mod:`lab.verdict`) never lock; ``lab compare`` and the Launch tab only probe the lock (:func:`is_locked`).
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import struct
 import time
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab.runlog import CONFIG, METRICS, STATUS, read_json
+from lab.runlog import CONFIG, METRICS, STATUS, open_regular, read_json
 
 LOCK = ".lock"
 LOCK_ATTEMPTS = 5  # 0.1 s in all
@@ -97,16 +97,24 @@ class RunLock:
 def holder_pid(run_dir: Path) -> int | None:
     """The PID written into the lock file by its last holder (None if missing or unreadable)."""
     try:
-        text = (Path(run_dir) / LOCK).read_text(encoding="ascii", errors="replace")[:32]
-        return int(text.strip())
+        fd = open_regular(Path(run_dir) / LOCK)  # never blocks on a FIFO planted there
+    except OSError:
+        return None
+    try:
+        return int(os.read(fd, 32).decode("ascii", "replace").strip())
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
 
 
 def acquire_lock(run_dir: str | Path) -> RunLock:
     """Lock ``run_dir`` (which must exist) for this process, or RunDirBusy naming the dir and the holder."""
     path = Path(run_dir) / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError(f"{path} is not a regular file: remove it to write this run dir")
     for attempt in range(LOCK_ATTEMPTS):  # a busy probe (is_locked) holds it for microseconds: try again
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -132,7 +140,7 @@ def is_locked(run_dir: str | Path) -> bool:
     instant if it is free; a writer starting in that instant retries (:data:`LOCK_ATTEMPTS`)."""
     path = Path(run_dir) / LOCK
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     try:
@@ -144,13 +152,6 @@ def is_locked(run_dir: str | Path) -> bool:
     return False
 
 
-def check_not_busy(run_dirs: Iterator[Path] | list[Path]) -> None:
-    """RunDirBusy for the first of ``run_dirs`` that another process is writing."""
-    for run_dir in run_dirs:
-        if is_locked(run_dir):
-            raise RunDirBusy(busy_message(Path(run_dir)))
-
-
 def busy_runs(out: str | Path) -> list[str]:
     """One message per run dir directly under ``out`` (or ``out`` itself) that a live process writes."""
     out = Path(out)
@@ -158,22 +159,6 @@ def busy_runs(out: str | Path) -> list[str]:
         return []
     dirs = [out, *sorted(p for p in out.iterdir() if p.is_dir() and not p.is_symlink())]
     return [busy_message(d) for d in dirs if is_locked(d)]
-
-
-@contextmanager
-def new_run_dir(run_dir: Path) -> Iterator[list[Path]]:
-    """Create ``run_dir`` (and missing parents) for a run; on an exception inside, remove what was created.
-
-    Yields the created folders (deepest first), so a caller that fails later (before its first step) can
-    remove them with :func:`remove_created`.
-    """
-    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        yield created
-    except BaseException:
-        remove_created(created)
-        raise
 
 
 def remove_created(created: list[Path]) -> None:

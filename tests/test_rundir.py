@@ -295,3 +295,18 @@ def test_launch_refuses_a_comparison_another_process_writes(tmp_path):
         proc.kill()
         proc.wait()
     launch.plan_launch(tmp_path, "c1", ["grpo"], steps=2, seeds=1, extra="--resume")
+
+
+def test_a_planted_lock_file_neither_blocks_nor_leads_elsewhere(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(victim)
+    with pytest.raises(OSError):
+        rundir.acquire_lock(tmp_path / "run")  # O_NOFOLLOW: the file it points to is not truncated
+    assert victim.read_text() == "keep me"
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / ".lock")
+    assert rundir.holder_pid(tmp_path / "fifo") is None and not rundir.is_locked(tmp_path / "fifo")
+    with pytest.raises(rundir.RunDirError, match="not a regular file"):
+        rundir.acquire_lock(tmp_path / "fifo")
