@@ -209,6 +209,7 @@ def curves_from_run_dirs(run_dirs: Iterable[str | Path]) -> tuple[dict[str, dict
     for run_dir in run_dirs:
         reader = RunReader(Path(run_dir))
         reader.poll()
+        warnings.extend(reader.warnings)  # files refused by the bounded readers, lines skipped
         config, status = reader.config, reader.status
         label, seed = config.get("label"), config.get("seed")
         points = [(m.get("step"), m.get("reward")) for m in reader.metrics]

@@ -267,3 +267,21 @@ def test_incremental_reads_match_a_fresh_read_under_any_interleaving(tmp_path_fa
             assert reader.metrics == complete_records(path.read_bytes())
     reader.poll()
     assert reader.metrics == complete_records(path.read_bytes())
+
+
+def test_the_verdict_names_refused_files_and_skipped_lines(tmp_path):
+    import os
+
+    from lab.verdict import compare_runs
+
+    for agg in ("grpo", "delta_l"):
+        writer = RunWriter(tmp_path / f"{agg}-s0")
+        writer.write_config({"label": agg, "seed": 0})
+        writer.log_metrics({"step": 1, "reward": 0.5})
+        writer.set_status("finished", 1, 1)
+    with open(tmp_path / "grpo-s0" / METRICS, "a") as f:
+        f.write('{"step": Infinity, "reward": 1}\n')
+    os.mkfifo(tmp_path / "delta_l-s0" / "samples.jsonl")
+    verdict = compare_runs(sorted(tmp_path.iterdir()))
+    assert "grpo-s0: 1 bad line(s) in metrics.jsonl skipped" in verdict["warnings"]
+    assert any("samples.jsonl is a FIFO" in w for w in verdict["warnings"])
