@@ -27,9 +27,9 @@ def is_loopback(host: str | None) -> bool:
 
 
 def launch_token(env: dict[str, str] | os._Environ | None = None) -> str | None:
-    """``LAB_LAUNCH_TOKEN`` when it is long enough to guard the Launch tab, else None."""
+    """``LAB_LAUNCH_TOKEN`` when it is long enough to guard the Launch tab (spaces do not count), else None."""
     token = (os.environ if env is None else env).get(TOKEN_ENV, "")
-    return token if len(token) >= MIN_TOKEN_LENGTH else None
+    return token if len(token.strip()) >= MIN_TOKEN_LENGTH else None
 
 
 def token_matches(given: str, expected: str) -> bool:

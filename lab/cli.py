@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_dashboard(args)
 
     from lab.models import ModelUnavailableError
+    from lab.rundir import RunFailed, RunsFailed, describe_os_error
     from lab.runner import raise_keyboard_interrupt, run_comparison, run_defaults
 
     aggregators = [args.aggregator] if args.command == "train" else args.aggregators
@@ -103,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, ModelUnavailableError) as err:
         print(f"lab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (RunFailed, RunsFailed) as err:  # reliability: one line; each run's status.json says why
+        print(f"lab {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. a full disk while a run dir is set up
+        print(f"lab {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     finally:
         _close_distributed()
     print(f"done: {args.out}  (dashboard: lab dashboard --runs-dir {args.out})")

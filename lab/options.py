@@ -23,6 +23,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _out_dir(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "is empty: give the folder to write the runs into, e.g. --out runs/mine"
+        )
+    return Path(text)
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65535:
@@ -190,7 +198,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="runs trained at the same time, each in its own process (fast: 2, else 1)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint(s) in --out")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", required=True, type=_out_dir, help="output directory")
 
 
 def build_parser() -> argparse.ArgumentParser:

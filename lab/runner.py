@@ -12,7 +12,7 @@ import importlib.util
 import math
 import os
 import random
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from lab import rundir
 from lab.aggregation import counterfactual_cv
 from lab.aggregators import AGGREGATORS, split_label
 from lab.aggregators import get as get_aggregator
@@ -153,6 +154,8 @@ class RunConfig:
             c.compare_gradients_every = 0
         c.save_every = c.save_every or 5
         _check_numbers(c)
+        rundir.check_seed(c.seed)  # reliability: before any dir is made
+        rundir.check_report_to(c.report_to)
         check_generation(c.generation, c.vllm)
         if c.vllm:
             check_vllm(c.vllm_gpu_memory_utilization)
@@ -435,11 +438,6 @@ def _set_threads(c: RunConfig) -> None:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def _last_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = [p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(ckpts, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
-
-
 def _evaluator(c: RunConfig, task, tokenizer, eval_data):
     """on_step callable for RunLogCallback: Avg@k / Pass@k every eval_every steps and after the last."""
     from lab.evaluation import evaluate_model
@@ -513,32 +511,53 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, q
     replaces transformers' progress bar and log dicts by one short line every 10% of the steps (for runs
     that share a terminal with others).
     """
-    from accelerate import PartialState
-
-    from lab.speed import SpeedTrainer, cpu_patches
-
     c = config.resolved()
     run_dir = Path(run_dir)
+    # reliability: busy dir, changed settings and the checkpoint are settled before anything is written
+    rundir.check_before_writing(run_dir, dataclasses.asdict(c), resume=resume)
     check_run_dir(run_dir, c.aggregator, resume=resume)
-    _set_threads(c)
-    random.seed(c.seed)
-    torch.manual_seed(c.seed)
-    task = get_task(c.task)
-    chat = resolve_preset(c.model).chat
-    train_data = task.train_dataset(c.steps * c.prompts_per_step, seed=c.seed, chat=chat, **c.task_options)
-    eval_data = (
-        task.eval_dataset(c.eval_prompts, seed=c.seed, chat=chat, **c.task_options)
-        if c.eval_prompts
-        else None
-    )
-    model, tokenizer = load_model_and_tokenizer(c.model)
-    args = _trl_args(c, run_dir)
+    start = rundir.choose_checkpoint(run_dir) if resume else rundir.ResumePoint(None, [])
+    for problem in start.skipped:
+        print(f"{run_dir}: checkpoint skipped, broken file: {problem}", file=sys.stderr, flush=True)
+    is_main = rundir.is_main_rank()  # the trainer's PartialState is not set up yet (its args do that)
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    lock = None
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = rundir.acquire_lock(run_dir)  # held for the run's lifetime; the OS drops it if we die
+    try:
+        return _train_locked(c, run_dir, start, created, is_main=is_main, resume=resume, quiet=quiet)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    is_main = PartialState().is_main_process
-    created = not run_dir.exists()
+
+def _train_locked(
+    c: RunConfig, run_dir: Path, start: rundir.ResumePoint, created: list[Path], *, is_main: bool, resume: bool,
+    quiet: bool,
+) -> Path:  # fmt: skip
+    """train_run's body, in a run dir this process holds the lock of."""
+    from lab.speed import SpeedTrainer, cpu_patches
+
     writer = RunWriter(run_dir, enabled=is_main)  # one writer in a multi-process run
     try:
-        writer.write_config(_config_record(c))
+        _set_threads(c)
+        random.seed(c.seed)
+        torch.manual_seed(c.seed)
+        task = get_task(c.task)
+        chat = resolve_preset(c.model).chat
+        train_data = task.train_dataset(
+            c.steps * c.prompts_per_step, seed=c.seed, chat=chat, **c.task_options
+        )
+        eval_data = (
+            task.eval_dataset(c.eval_prompts, seed=c.seed, chat=chat, **c.task_options)
+            if c.eval_prompts
+            else None
+        )
+        model, tokenizer = load_model_and_tokenizer(c.model)
+        args = _trl_args(c, run_dir)
+        if not (resume and (run_dir / CONFIG).exists()):  # reliability: a resumed run keeps its config.json
+            writer.write_config(_config_record(c))
         callback = RunLogCallback(
             writer,
             max_length=c.max_completion_length,
@@ -555,8 +574,8 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, q
             callbacks=[callback],
         )
     except BaseException:
-        if created and is_main:
-            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves nothing behind
+        if is_main:
+            rundir.remove_created(created)  # a failed start leaves nothing behind
         raise
     trainer.log_completion_texts = c.log_texts
     callback.trainer = trainer
@@ -568,10 +587,9 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, q
         trainer.remove_callback(PrinterCallback)
         callback.progress = (c.run_id, max(1, c.steps // 10))
 
-    checkpoint = _last_checkpoint(run_dir) if resume else None
-    start_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else 0
-    writer.truncate_after(start_step)  # steps after the checkpoint are trained (and logged) again
-    writer.set_status("running", start_step, c.steps)
+    checkpoint = start.checkpoint
+    writer.truncate_after(start.step)  # steps after the checkpoint are trained (and logged) again
+    writer.set_status("running", start.step, c.steps)
     try:
         # CPU only: TRL's LM head and transformers' SDPA take their CPU-friendly paths (lab.speed), undone after.
         with cpu_patches(enabled=not torch.cuda.is_available()):
@@ -582,9 +600,9 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = False, q
         raise
     except Exception as err:
         if trainer.is_world_process_zero():
-            writer.set_status(
-                "failed", trainer.state.global_step, c.steps, error=f"{type(err).__name__}: {err}"
-            )
+            rundir.record_failure(writer, err, trainer.state.global_step, c.steps, created)  # reliability
+        if isinstance(err, OSError):  # a full disk, a read-only file system: one line, not a traceback
+            raise rundir.RunFailed(f"{run_dir}: {rundir.describe_os_error(err)}") from err
         raise
     if trainer.is_world_process_zero():
         writer.set_status("finished", trainer.state.global_step, c.steps)
@@ -642,6 +660,7 @@ def comparison_plan(
     Same prompts, seeds and sampling settings for every aggregator: only ``aggregator`` differs between
     the runs of one seed. Raises ValueError/FileExistsError naming the first bad value.
     """
+    rundir.check_out(out)  # reliability: empty or read-only --out
     out = Path(out)
     if not aggregators:
         raise ValueError("no aggregators to compare")
@@ -660,6 +679,7 @@ def comparison_plan(
             if any(p[0].run_id == c.run_id for p in plan):
                 raise ValueError(f"aggregators {aggregators} give the run {c.run_id} twice")
             run_dir = out / c.run_id
+            rundir.check_before_writing(run_dir, dataclasses.asdict(c), resume=resume or _finished(run_dir))
             check_run_dir(run_dir, agg, resume=resume or _finished(run_dir))
             plan.append((c, run_dir))
     return plan
@@ -698,62 +718,59 @@ def run_comparison(
     started = time.perf_counter()
     if todo:
         model_path(todo[0][1].model)  # build/convert a lab-made model once, here, not in every worker
+    failures: list[str] = []
     if workers == 1 or len(todo) <= 1:
         for i, c, run_dir in todo:
             print(f"[{i}/{len(plan)}] {c.run_id} → {run_dir}", flush=True)
             train_run(c, run_dir, resume=resume)
     else:
-        _run_parallel(todo, len(plan), workers=workers, resume=resume)
+        failures = _run_parallel(todo, len(plan), workers=workers, resume=resume)
     run_dirs = [run_dir for _, run_dir in plan]
     if len(aggregators) > 1:
         from lab.verdict import compare_runs, format_verdict
 
-        verdict = compare_runs(run_dirs)
+        verdict = compare_runs([d for d in run_dirs if _finished(d)] if failures else run_dirs)  # reliability
         verdict["wall_seconds"] = time.perf_counter() - started
         verdict["workers"] = workers
         write_verdict(out, verdict)
         print(format_verdict(verdict), flush=True)
+    if failures:  # reliability: the verdict of what finished is written first
+        raise rundir.RunsFailed(failures)
     return run_dirs
 
 
-def _run_parallel(todo: list[tuple[int, RunConfig, Path]], total: int, *, workers: int, resume: bool) -> None:
-    """Run ``todo`` in ``workers`` processes (spawned: a clean interpreter, imports paid once per worker).
+def _run_parallel(
+    todo: list[tuple[int, RunConfig, Path]], total: int, *, workers: int, resume: bool
+) -> list[str]:
+    """Run ``todo`` in ``workers`` processes (spawned: a clean interpreter, imports paid once per worker,
+    :mod:`lab.workers`); returns one line per run that did not finish.
 
     Ctrl-C/SIGTERM reaches every worker (same process group): each saves a checkpoint and marks its run
-    interrupted, then the pool shuts down and KeyboardInterrupt is raised here. A failed run fails the
-    comparison after the others finish (its status.json says why).
+    interrupted, no queued run starts, and KeyboardInterrupt is raised here. A failed run (its status.json
+    says why) or a worker killed under its run (the run is marked failed here) fails the comparison after
+    the others finish.
     """
-    import concurrent.futures as futures
-    import multiprocessing
+    from lab.workers import Job, run_jobs
 
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()  # set on Ctrl-C: a worker starts no queued run after it
-    failures: list[str] = []
-    interrupted = False
-    with futures.ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(stop,)
-    ) as pool:
-        jobs = {}
-        for i, c, run_dir in todo:
-            print(f"[{i}/{total}] {c.run_id} → {run_dir}  (queued on {workers} workers)", flush=True)
-            jobs[pool.submit(_worker_run, c, str(run_dir), resume)] = c.run_id
-        try:
-            for job in futures.as_completed(jobs):
-                result = job.result()
-                print(f"  {jobs[job]}: {result}", flush=True)
-                if result not in ("finished",):
-                    interrupted |= result == "interrupted"
-                    failures.append(f"{jobs[job]}: {result}")
-        except KeyboardInterrupt:
-            interrupted = True
-            stop.set()
-            for job in jobs:
-                job.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)  # workers finish saving their checkpoints
-    if interrupted:
+    jobs = []
+    for i, c, run_dir in todo:
+        print(f"[{i}/{total}] {c.run_id} → {run_dir}  (queued on {workers} workers)", flush=True)
+        jobs.append(Job(c.run_id, (c, str(run_dir), resume)))
+    dirs = {c.run_id: run_dir for _, c, run_dir in todo}
+
+    def on_result(job: Job, result: str) -> None:
+        print(f"  {job.name}: {result}", flush=True)
+
+    def on_killed(job: Job, reason: str) -> None:
+        rundir.mark_killed(dirs[job.name], reason)
+        print(f"  {job.name}: {reason}; the other runs go on", flush=True)
+
+    outcome = run_jobs(jobs, workers=workers, target=_worker_run, init=_worker_init, on_result=on_result,
+                       on_killed=on_killed)  # fmt: skip
+    results = outcome.results
+    if any(r == "interrupted" for r in results.values()):
         raise KeyboardInterrupt
-    if failures:
-        raise RuntimeError("runs failed (see their status.json): " + "; ".join(failures))
+    return [f"{name}: {r}" for name, r in results.items() if r != "finished"]
 
 
 _stop_event: Any = None  # in a worker: the comparison's Ctrl-C event (_run_parallel)

@@ -384,6 +384,7 @@ def read_runs(
     for run_dir in run_dirs:
         reader = RunReader(Path(run_dir))
         reader.poll()
+        warnings.extend(reader.warnings)  # files refused by the bounded readers, lines skipped
         config, status = reader.config, reader.status
         label, seed = config.get("label"), config.get("seed")
         points = [(m.get("step"), m.get("reward")) for m in reader.metrics]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -614,3 +617,165 @@ def test_knobs_reach_the_trainer(tmp_path):
     expected = delta_l_row_weights(sample["lengths"], alpha=0.5, max_length=32, group_size=8).tolist()
     assert sample["weights"] == pytest.approx(expected, rel=1e-6)
     assert reader.metrics[0]["agg_grad/cos/grpo~delta_l"] < 0.9999  # group scope: another direction than GRPO
+
+
+# ---------------------------------------------------------------------------------------------------
+# reliability (docs/reliability.md): one writer, config identity, resume, faults, early checks
+# ---------------------------------------------------------------------------------------------------
+DIGITSUM = ["--seeds", "1", "--prompts-per-step", "2", "--num-generations", "4", "--threads", "1"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--out", ""], "--out: is empty"),
+        (["--out", "/proc/lab-runs"], "is not writable"),
+        (["--seed", "-1"], "seed must be an integer"),
+        (["--report-to", "bogus"], "unknown integration"),
+    ],
+)
+def test_bad_out_seed_and_report_to_are_refused_before_any_dir(tmp_path, capsys, argv, match):
+    out = tmp_path / "out"
+    args = ["train", "--out", str(out), *argv] if argv[0] != "--out" else ["train", *argv]
+    with pytest.raises(SystemExit) if argv[1] == "" else contextlib.nullcontext():
+        assert main(args) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists() and not (Path.cwd() / "delta_l-s0").exists()
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_at_once_naming_the_dir_and_pid(tmp_path):
+    args = ["train", "--steps", "2000", "--save-every", "5000", "--out", str(tmp_path), *DIGITSUM]
+    proc = start_lab(*args)
+    run_dir = tmp_path / "delta_l-s0"
+    try:
+        wait_for_steps(run_dir, 1, proc)
+        for second in (["train", *args[1:], "--resume"], ["compare", "--aggregators", "delta_l", *args[1:]]):
+            before = (run_dir / "metrics.jsonl").read_bytes()
+            started = time.time()
+            result = lab(*second)
+            assert result.returncode == 2, result.stderr[-2000:]
+            message = result.stderr.strip().splitlines()[-1]
+            assert f"{run_dir} is being written by process {proc.pid}" in message, message
+            assert time.time() - started < 60 and (run_dir / "metrics.jsonl").read_bytes().startswith(before)
+        from lab.dashboard import launch
+
+        with pytest.raises(ValueError, match=f"being written by process {proc.pid}"):
+            launch.plan_launch(
+                tmp_path.parent, tmp_path.name, ["delta_l"], steps=60, seeds=1, extra="--resume"
+            )
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    assert steps_of(run_dir) == list(range(1, len(steps_of(run_dir)) + 1))  # each step logged once
+
+
+@pytest.mark.slow
+def test_changed_settings_are_refused_and_config_json_is_kept(tmp_path):
+    args = ["train", "--steps", "2", "--out", str(tmp_path), *DIGITSUM]
+    assert lab(*args).returncode == 0
+    run_dir = tmp_path / "delta_l-s0"
+    config = (run_dir / "config.json").read_bytes()
+    for changed, named in (
+        (["--steps", "3"], "steps: 2 → 3"),
+        (["--learning-rate", "1e-3"], "learning_rate"),
+    ):
+        for extra in ([], ["--resume"]):
+            result = lab(*args, *changed, *extra)
+            assert result.returncode == 2 and named in result.stderr, result.stderr[-2000:]
+    assert "already finished, skipped" in lab(*args, "--threads", "2", "--resume").stdout  # harmless change
+    assert (run_dir / "config.json").read_bytes() == config and steps_of(run_dir) == [1, 2]
+
+
+def _interrupted(run_dir: Path) -> None:
+    status = read_json(run_dir / "status.json")
+    (run_dir / "status.json").write_text(json.dumps({**status, "state": "interrupted"}))
+
+
+@pytest.mark.slow
+def test_resume_takes_the_previous_checkpoint_when_the_latest_is_broken_and_refuses_without_one(tmp_path):
+    args = ["train", "--steps", "3", "--save-every", "1", "--out", str(tmp_path), *DIGITSUM]
+    assert lab(*args).returncode == 0
+    run_dir = tmp_path / "delta_l-s0"
+    weights = run_dir / "checkpoints" / "checkpoint-3" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) * 9 // 10])  # truncated: a save cut short
+    _interrupted(run_dir)
+    result = lab(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checkpoint skipped, broken file: {weights}: truncated" in result.stderr
+    assert steps_of(run_dir) == [1, 2, 3] and read_json(run_dir / "status.json")["state"] == "finished"
+    shutil.rmtree(run_dir / "checkpoints")
+    _interrupted(run_dir)
+    result = lab(*args, "--resume")
+    assert result.returncode == 2 and "nothing to resume from: no intact checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr and steps_of(run_dir) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_reported_the_others_finish_and_the_verdict_of_what_finished_is_written(tmp_path):
+    args = ["compare", "--aggregators", "grpo,dapo,delta_l", "--workers", "2", "--steps", "40",
+            "--save-every", "100", "--out", str(tmp_path), *DIGITSUM]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", *args], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    victim = tmp_path / "grpo-s0"
+    try:
+        wait_for_steps(victim, 1, proc)
+        os.kill(int((victim / ".lock").read_text()), signal.SIGKILL)  # the lock holds the worker's PID
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert "grpo-s0: failed: worker process killed by SIGKILL; the other runs go on" in out
+    assert err.strip().splitlines()[-1] == (
+        "lab compare: error: 1 run(s) did not finish: grpo-s0: failed: worker process killed by SIGKILL"
+    )
+    states = {
+        n: read_json(tmp_path / n / "status.json")["state"] for n in ("grpo-s0", "dapo-s0", "delta_l-s0")
+    }
+    assert states == {"grpo-s0": "failed", "dapo-s0": "finished", "delta_l-s0": "finished"}
+    assert set(read_json(tmp_path / "verdict.json")["labels"]) == {"dapo", "delta_l"}
+
+
+def test_a_full_disk_fails_the_run_in_one_line_keeps_the_log_and_resume_works(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from lab import runlog
+
+    real_append, calls = runlog.append_jsonl, []
+
+    def append_until_full(path, record):
+        if Path(path).name == "metrics.jsonl":
+            calls.append(record["step"])
+            if record["step"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(path, record)
+
+    args = ["train", "--steps", "3", "--save-every", "1", "--out", str(tmp_path), *DIGITSUM]
+    monkeypatch.setattr(runlog, "append_jsonl", append_until_full)
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    run_dir = tmp_path / "delta_l-s0"
+    assert err[-1].endswith(  # after the progress bar's unfinished line
+        f"lab train: error: {run_dir}: no space left on the device: free some space, then continue with --resume"
+    )
+    status = read_json(run_dir / "status.json")
+    assert status["state"] == "failed" and "no space left on the device" in status["error"]
+    assert steps_of(run_dir) == [1] and not list(run_dir.rglob("*.tmp"))
+    monkeypatch.setattr(runlog, "append_jsonl", real_append)  # space again
+    assert main([*args, "--resume"]) == 0
+    assert steps_of(run_dir) == [1, 2, 3] and read_json(run_dir / "status.json")["state"] == "finished"
+
+
+def test_a_failure_before_the_first_step_leaves_no_run_dir(tmp_path, monkeypatch, capsys):
+    from lab.trainer import DeltaLGRPOTrainer
+
+    def fail(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DeltaLGRPOTrainer, "train", fail)
+    out = tmp_path / "new" / "out"
+    assert main(["train", "--steps", "2", "--out", str(out), *DIGITSUM]) == 1
+    assert "no space left on the device" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

@@ -208,3 +208,46 @@ def test_hub_sources_fail_clearly_offline(monkeypatch: pytest.MonkeyPatch) -> No
         task.train_dataset(4, seed=0, chat=True, source="aime")
     with pytest.raises(HubUnavailableError, match="Countdown-Tasks-3to4"):
         get_task("countdown").train_dataset(4, seed=0, chat=True, source="hub")
+
+
+HUGE = ["9^{9^{9}}", "10^{10^{8}}", "10**10**8", "2^{100000000}", "10^{ 100000000 }", "1000000!", "(10^{5})!"]
+
+
+@pytest.mark.parametrize("answer", HUGE)
+def test_answers_that_would_compute_huge_integers_score_0_before_sympy(answer: str) -> None:
+    from lab.tasks.math import too_costly
+
+    assert too_costly(answer)
+    assert not is_equivalent(answer, "1")
+
+
+@pytest.mark.parametrize(
+    "answer", ["x^{2}+1", "2^{10}", "3^{\\frac{1}{2}}", "10^{-3}", "5!", "2^3 \\cdot 5^2"]
+)
+def test_ordinary_powers_and_factorials_still_reach_math_verify(answer: str) -> None:
+    from lab.tasks.math import too_costly
+
+    assert not too_costly(answer)
+
+
+def test_the_time_limit_holds_off_the_main_thread_against_big_integer_answers() -> None:
+    """Big-integer work holds the GIL, which no thread-based limit can interrupt: checked in a child process
+    (a regression hangs the child, not the test run), each answer scored on a non-main thread."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading, time\n"
+        "from lab.tasks.math import is_equivalent\n"
+        "for answer in sys.argv[1:]:\n"
+        "    out = []\n"
+        "    t = threading.Thread(target=lambda: out.append(is_equivalent(answer, '1', timeout_s=1)))\n"
+        "    start = time.perf_counter(); t.start(); t.join()\n"
+        "    print(answer, out, round(time.perf_counter() - start, 2), flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *HUGE], capture_output=True, text=True, timeout=60)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == len(HUGE), result.stderr[-2000:]
+    for line in lines:
+        _, verdict, seconds = line.rsplit(" ", 2)
+        assert verdict == "[False]" and float(seconds) <= 2.5, line

@@ -205,11 +205,15 @@ class RunData:
             return 0  # finished runs stop polling
         self.loaded = True
         before = {name: len(b) for name, b in self._buckets().items()}
-        offsets = dict(self.reader.offsets)
         added = self.reader.poll()
+        if self.reader.was_reset:  # a resume replaced a log file: rebuild everything from the files
+            self.reader = RunReader(self.run_dir)
+            added = self.reader.poll()
+            self._reset_frames()
+            before = dict.fromkeys(before, 0)
         for name, bucket in self._buckets().items():
             new = bucket[before[name] :]
-            self._count_corrupt(name, offsets.get(name, 0), len(new))
+            self._count_corrupt(name)
             if name == METRICS:
                 self._metrics.extend(new)
             elif name == SAMPLES:
@@ -223,16 +227,14 @@ class RunData:
         r = self.reader
         return {METRICS: r.metrics, SAMPLES: r.samples, EVAL: r.evals, PROBES: r.probes}
 
-    def _count_corrupt(self, name: str, start: int, n_records: int) -> None:
-        end = self.reader.offsets.get(name, start)
-        if end <= start:
-            return
-        with open(self.run_dir / name, "rb") as f:
-            f.seek(start)
-            chunk = f.read(end - start)
-        lines = sum(1 for line in chunk.split(b"\n") if line.strip())
-        if lines > n_records:
-            self.corrupt[name] = self.corrupt.get(name, 0) + lines - n_records
+    def _count_corrupt(self, name: str) -> None:
+        skipped = self.reader.last_skipped.get(name, 0)  # counted by the bounded reader (lab.runlog)
+        if skipped:
+            self.corrupt[name] = self.corrupt.get(name, 0) + skipped
+
+    def _reset_frames(self) -> None:
+        self._metrics, self._lengths, self._evals = _Frame(), _Frame(), _Frame()
+        self.batches, self._batch_index, self.corrupt, self.malformed_samples = [], {}, {}, 0
 
     def _add_samples(self, records: list[dict]) -> None:
         summaries = []
@@ -283,7 +285,7 @@ class RunData:
 
     def warnings(self) -> list[str]:
         """Human-readable problems with this run's files (corrupt lines, missing status, ...)."""
-        out = []
+        out = [f"{self.run_id}: {why}" for why in self.reader.problems.values()]  # refused files, size caps
         for name, n in sorted(self.corrupt.items()):
             out.append(f"{self.run_id}: {n} corrupt line(s) in {name} were skipped.")
         if self.malformed_samples:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lab import rundir
 from lab.access import MIN_TOKEN_LENGTH, TOKEN_ENV, is_loopback, launch_token, token_matches  # noqa: F401 (re-exported)
 from lab.aggregators import AGGREGATORS
 from lab.options import build_parser
@@ -34,6 +35,16 @@ MAX_STEPS = 100_000
 MAX_SEEDS = 50
 MAX_ALPHA = 4.0
 MAX_NAME_LENGTH = 100
+#: Bounds of the numbers the extra arguments may set (the form's own fields have theirs above): a run the
+#: Launch tab starts stays the size of a lab run.
+EXTRA_BOUNDS: dict[str, tuple[float, float]] = {
+    "prompts_per_step": (1, 1024), "num_generations": (2, 64), "micro_batch_size": (1, 4096),
+    "max_completion_length": (1, 32_768), "eval_prompts": (0, 10_000), "eval_k": (1, 64),
+    "eval_every": (0, MAX_STEPS), "probe_every": (0, MAX_STEPS), "compare_gradients_every": (0, MAX_STEPS),
+    "save_every": (1, MAX_STEPS), "workers": (1, os.cpu_count() or 1), "threads": (1, os.cpu_count() or 1),
+    "lora_r": (1, 1024), "seed": (0, 2**32 - 1), "temperature": (1e-3, 10.0), "learning_rate": (1e-9, 1.0),
+    "max_grad_norm": (0.0, 1e6),
+}  # fmt: skip
 # one folder name: starts with a letter or digit, then letters, digits, '-', '_', '.'
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UNSET = object()
@@ -172,7 +183,17 @@ def build_compare_args(
     if model.strip():
         form += ["--model", check_model(model.strip())]
     tokens = split_extra(extra, form, reserved=("model",))
+    check_extra_bounds(tokens)
     return [*(prefix if prefix is not None else command_prefix()), "compare", *form, *tokens]
+
+
+def check_extra_bounds(tokens: Sequence[str]) -> None:
+    """ValueError naming the first extra argument outside :data:`EXTRA_BOUNDS`."""
+    values = dests_set(tokens)
+    for dest, (low, high) in EXTRA_BOUNDS.items():
+        value = values.get(dest)
+        if value is not None:
+            _check_bounds(option_names([dest])[0], float(value), low, high)
 
 
 @dataclass
@@ -190,6 +211,9 @@ def plan_launch(runs_dir: str | Path, name: str, aggregators: Sequence[str], **o
     """
     out = comparison_dir(runs_dir, name)
     args = build_compare_args(out, aggregators, **options)
+    busy = rundir.busy_runs(out)  # reliability: a comparison another process is writing
+    if busy:
+        raise ValueError(busy[0])
     resume = dests_set(shlex.split(options.get("extra", ""))).get("resume") is True
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not resume:
         raise ValueError(

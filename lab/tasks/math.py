@@ -9,7 +9,11 @@ unparsed.
 
 Time limit: on the main thread (where TRL calls reward functions) math-verify's own ``signal.alarm``
 limit is used; on any other thread signals are unavailable, so the check runs in a daemon thread and
-is abandoned (scored 0) after the limit.
+is abandoned (scored 0) after the limit. Neither can stop one long big-integer operation (it holds the
+GIL, so no other thread and no signal handler runs until it ends), so an answer that could make sympy
+compute a huge integer scores 0 before it reaches sympy (:func:`too_costly`): a power whose exponent holds
+a power or a factorial, or an integer above :data:`MAX_EXPONENT`, or a factorial of more than
+:data:`MAX_FACTORIAL` or of an expression.
 
 Data: an offline, seeded generator of templated multi-step arithmetic word problems with exact
 answers (the default), and loaders for GSM8K, MATH-500 and an Open-Reasoner-Zero set for online users.
@@ -36,6 +40,11 @@ from lab.tasks.base import (
 )
 
 MAX_ANSWER_CHARS = 300
+MAX_EXPONENT = 10_000  # 10^10000 is computed in microseconds; 10^(10^8) holds the GIL for minutes
+MAX_FACTORIAL = 10_000
+_POWER = re.compile(r"\^|\*\*")
+_INTEGER = re.compile(r"\d+")
+_FACTORIAL = re.compile(r"(\d*)\s*([)}\]]?)\s*!")
 DEFAULT_TIMEOUT_S = 2
 _BOXED = ("\\boxed{", "\\fbox{")
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)")
@@ -132,6 +141,38 @@ def _math_verify(gold: str, pred: str, timeout_s: int | None) -> bool:
     return bool(verify(parsed_gold, parsed_pred, timeout_seconds=timeout_s))
 
 
+def _operand(text: str, i: int) -> tuple[str, int]:
+    """The exponent that starts at ``text[i]`` (a balanced ``{...}``/``(...)`` group, or one number or
+    symbol) and the index after it."""
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i < len(text) and text[i] in "{(":
+        depth, j = 0, i
+        for j in range(i, len(text)):
+            depth += text[j] in "{(" or -(text[j] in "})")
+            if depth == 0:
+                break
+        return text[i : j + 1], j + 1
+    m = re.match(r"[-+]?\s*(\d+|\\?[A-Za-z]+)", text[i:])
+    end = i + (len(m.group(0)) if m else 1)
+    return text[i:end], end
+
+
+def too_costly(answer: str) -> bool:
+    """Whether checking ``answer`` could make sympy compute a huge integer (module docstring)."""
+    for m in _POWER.finditer(answer):
+        exponent, end = _operand(answer, m.end())
+        if _POWER.search(exponent) or "!" in exponent or _POWER.match(answer[end:].lstrip()):
+            return True  # a power tower: 9^{9^{9}}, 10**10**8
+        if any(int(n) > MAX_EXPONENT for n in _INTEGER.findall(exponent)):
+            return True
+    for m in _FACTORIAL.finditer(answer):
+        number, closing = m.groups()
+        if closing or (number and int(number) > MAX_FACTORIAL):
+            return True
+    return False
+
+
 def run_with_time_limit(func: Callable[[], bool], timeout_s: float) -> bool:
     """``func()`` in a daemon thread, or False if it has not finished after ``timeout_s`` seconds (the
     thread is abandoned). For threads other than the main one, where ``signal.alarm`` is unavailable."""
@@ -162,6 +203,8 @@ def is_equivalent(pred: str, gold: str, *, timeout_s: int = DEFAULT_TIMEOUT_S) -
         return a == b
     if pred == gold:
         return True
+    if too_costly(pred) or too_costly(gold):  # no time limit could stop it (module docstring)
+        return False
     try:
         if threading.current_thread() is threading.main_thread():
             return _math_verify(gold, pred, timeout_s)
