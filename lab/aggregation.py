@@ -1,6 +1,6 @@
 r"""Loss aggregators as estimators of the policy gradient: the math of the lab, in one place.
 
-Setup (PAPER.md). One prompt, G sampled responses with lengths :math:`L_i` and advantages :math:`A_i`.
+Setup (docs/paper.md). One prompt, G sampled responses with lengths :math:`L_i` and advantages :math:`A_i`.
 The *unnormalized* per-response gradient is
 
 .. math::  g_i = \sum_{t=1}^{L_i} A_i \nabla_\theta \log \pi_\theta(o_{i,t} \mid q, o_{i,<t}),

@@ -11,8 +11,8 @@ PYTHON=${PYTHON:-python3}
 PY=.venv/bin/python
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
-# torch first: with a GPU, the normal (CUDA) build; without one, the CPU build pinned in FACTS.md
-# (2.13.0 comes from local disk on our machines; an unpinned torch would pull a multi-GB CUDA build).
+# torch first: with a GPU, the normal (CUDA) build; without one, the pinned CPU build (an unpinned
+# torch can pull a multi-GB CUDA build on a machine without a GPU; LAB_TORCH_VERSION overrides the pin).
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "${PIP[@]}" torch

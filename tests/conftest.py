@@ -1,4 +1,4 @@
-"""Shared test setup: offline, one thread (≈20× faster for tiny models on 2 cores, see FACTS.md)."""
+"""Shared test setup: offline, one thread (like the lab's CPU runs; tiny models gain nothing from more)."""
 
 import os
 

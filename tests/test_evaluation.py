@@ -22,7 +22,7 @@ from lab.evaluation import (
 )
 from lab.tasks import get_task
 
-torch.set_num_threads(1)  # ~20x faster for the tiny model on this 2-core machine (FACTS.md)
+torch.set_num_threads(1)  # one thread, like the lab's CPU runs (small models gain nothing from more)
 
 
 # ------------------------------------------------------------------------------------------ pass@k

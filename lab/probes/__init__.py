@@ -1,6 +1,6 @@
 r"""Gradient probes: per-sample gradients of the trainable (LoRA) parameters, and what they say about ΔL.
 
-The paper's assumption (PAPER.md) is that the unnormalized per-response gradient
+The paper's assumption (docs/paper.md) is that the unnormalized per-response gradient
 
 .. math::  g_i = \sum_{t=1}^{L_i} A_i \nabla_\theta \log \pi_\theta(o_{i,t} \mid q, o_{i,<t})
 
@@ -19,13 +19,14 @@ This module measures it instead of assuming it:
 3. :func:`make_probe_hook` runs both inside :class:`lab.trainer.DeltaLGRPOTrainer` every ``k`` steps and
    logs ``probe/*`` metrics and a ``probes.jsonl`` record (:mod:`lab.runlog`).
 
-Cost (measured on the 2-core CPU machine of FACTS.md, 1 thread, SmolLM2-135M with LoRA r=16 on q/k/v/o,
+Cost (measured on a 2-core CPU, 1 thread, SmolLM2-135M with LoRA r=16 on q/k/v/o,
 1.8 M trainable parameters): one forward + backward per completion, about
 :data:`MEASURED_SECONDS_PER_ROW` seconds per completion of ~210 tokens (150 prompt + up to 64 completion),
-i.e. ~20 s for 8 completions, ~40 s for 16: the FLOPs of one more forward + backward over the batch.
-2 threads were 4-8x *slower* on that shared machine; use ``torch.set_num_threads(1)``. The tiny test model
-takes ~0.15 s per row. ``torch.func.vmap(grad(...))`` does not work on HF models here (the attention-mask
-code branches on tensor values: "vmap: ... data-dependent control flow"), hence the row loop.
+i.e. ~20 s for 8 completions, ~40 s for 16: the FLOPs of one more forward + backward over the batch
+(``benchmarks/results/variance_vs_length.smollm2.json`` stores its own run's seconds per completion, for
+completions of up to 256 tokens). Use ``torch.set_num_threads(1)`` on a small shared CPU.
+``torch.func.vmap(grad(...))`` does not work on HF models here (the attention-mask code branches on tensor
+values: "vmap: ... data-dependent control flow"), hence the row loop.
 
 The code is in three modules along these seams: :mod:`lab.probes.gradients` (1), :mod:`lab.probes.statistics`
 (2) and :mod:`lab.probes.hooks` (3, and the four aggregators' gradients on one batch); every name is importable

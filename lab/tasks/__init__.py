@@ -22,8 +22,9 @@ TASKS: dict[str, type[Task]] = {"countdown": CountdownTask, "math": MathTask, "d
 # (benchmarks/learning_signal.py, numbers in "measured"): 2-number problems with + and -, two worked
 # examples as earlier chat turns, and the paper's binary reward. At step 0, 45% of prompt groups hold
 # both a rewarded and an unrewarded completion, so GRPO advantages are non-zero there. The paper's own
-# setting (3-4 numbers up to 99, no examples) gives this model a reward of 0 on every sample (FACTS.md),
-# and so did a 4-example prompt that also showed * and / (20% mixed groups, 3% reward).
+# setting (3-4 numbers up to 99, no examples) is beyond this model: when the demo was designed it gave
+# no group with a reward spread, and nothing to learn from (an unstored measurement; rerun
+# benchmarks/learning_signal.py to check a setting).
 DEMO: dict[str, Any] = {
     "task": "countdown",
     "task_options": {"num_numbers": 2, "max_number": 10, "max_target": 100, "ops": "+-", "few_shot": 2},

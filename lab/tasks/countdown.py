@@ -1,6 +1,6 @@
 """CountDown: combine the given numbers with + - * / to reach a target (the paper's first task).
 
-Reward rule (PAPER.md, the official code's rule, minus its ``eval``): take the **last**
+Reward rule (docs/paper.md: the official code's rule, minus its ``eval``): take the **last**
 ``<answer>…</answer>`` of the completion; the expression inside must use only ASCII digits,
 ``+ - * / ( )`` and spaces, use exactly the given numbers, each once, and evaluate to within
 ``1e-5`` of the target. Score 1.0, else 0.0. No format reward.
@@ -53,7 +53,7 @@ QUESTION = (
     "tags. And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>."
 )
 PREFILL = "Let me solve this step by step.\n<think>"
-# The paper's raw-text prompt for base models (PAPER.md), verbatim.
+# The paper's raw-text prompt for base models (docs/paper.md), verbatim.
 BASE_TEMPLATE = SYSTEM_INTRO + "\nUser: " + QUESTION + "\nAssistant: " + PREFILL
 
 # Worked examples for few-shot prompts (small, solvable, in the exact answer format). A prompt uses

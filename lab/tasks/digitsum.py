@@ -14,7 +14,7 @@ transformer cannot add many digits in one step (the direct answer is close to a 
 while each scratchpad step is a local operation it learns easily, but every extra step is one more
 chance to slip (and a scratchpad that runs past the length limit is cut off and scores 0). Within a
 group of completions of one prompt, lengths differ by 3× to 10× whenever some completions think and
-others do not: the regime where the aggregators weight responses differently (PAPER.md).
+others do not: the regime where the aggregators weight responses differently (docs/paper.md).
 
 Reward: binary, 1.0 iff the completion ends with ``answer d`` where ``d`` is the right digit (the
 scratchpad itself is not graded: only the final answer, as in RLVR). Parsing is a split on whitespace;

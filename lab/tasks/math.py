@@ -1,6 +1,6 @@
 r"""Math: answer extraction, equivalence with ``math-verify`` under a time limit, and problem sets.
 
-Reward rule (PAPER.md): the answer is the content of the **last** ``\boxed{...}`` of the completion
+Reward rule (the paper's, docs/paper.md): the answer is the content of the **last** ``\boxed{...}`` of the completion
 (nested braces allowed); without one, a GSM8K-style ``#### n`` line. Score 1.0 when it is equivalent
 to the reference answer, else 0.0. Equivalence: an exact fast path for plain numbers (``1,000``,
 ``0.5``, ``3/4`` and ``\frac{3}{4}`` compare as exact fractions), otherwise ``math_verify.verify``
