@@ -28,7 +28,7 @@ from lab.options import build_parser
 
 
 def config_from_args(args: argparse.Namespace, aggregator: str):
-    from lab.runner import RunConfig
+    from lab.run_config import RunConfig
 
     if args.vllm_gpu_memory_utilization is not None and not args.vllm:
         raise ValueError("--vllm-gpu-memory-utilization applies only with --vllm")

@@ -12,7 +12,9 @@ from pathlib import Path
 from lab.access import LOCALHOST
 from lab.aggregators import AGGREGATORS, DEFAULT_AGGREGATORS, parse_names
 from lab.auto_alpha import check_alpha_setting
+from lab.devices import GENERATION_CHOICES
 from lab.models import EMBEDDED_MODEL, PRESETS
+from lab.run_config import OPTIMIZERS, RUN_PRESETS
 from lab.tasks import TASKS
 
 
@@ -60,8 +62,6 @@ def _non_negative_float(text: str) -> float:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    from lab.runner import GENERATION_CHOICES, OPTIMIZERS, RUN_PRESETS
-
     p.add_argument(
         "--preset",
         default=None,

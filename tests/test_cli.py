@@ -90,7 +90,9 @@ def test_bad_arguments_are_named(argv, match, capsys):
 
 def test_bad_values_give_a_clear_error(tmp_path, capsys):
     out = tmp_path / "new"
-    assert main(["train", "--alpha", "-1", "--out", str(out), *FAST]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse refuses it (lab.auto_alpha.check_alpha_setting)
+        main(["train", "--alpha", "-1", "--out", str(out), *FAST])
+    assert refused.value.code == 2
     captured = capsys.readouterr()
     assert "-1" in captured.err and "[1/1]" not in captured.out  # refused before the run banner
     assert not out.exists()
