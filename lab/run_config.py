@@ -16,8 +16,8 @@ from typing import Any
 from lab.aggregators import AGGREGATORS
 from lab.aggregators import get as get_aggregator
 from lab.auto_alpha import check_alpha_setting, check_auto_alpha, is_auto
-from lab.devices import check_generation, check_vllm
-from lab.models import EMBEDDED_MODEL, resolve_preset
+from lab.devices import GENERATION_CHOICES, check_generation, check_vllm
+from lab.models import EMBEDDED_MODEL, PRESETS, resolve_preset
 from lab.runlog import run_id
 from lab.tasks import DEMO, FAST, TASKS
 
@@ -42,6 +42,18 @@ def infer_preset(model: str | None, task: str | None) -> str | None:
     return None
 
 
+def option(default: Any, help: str, *, parse: str | None = None, **cli: Any) -> Any:
+    """A :class:`RunConfig` field that is also an option of ``lab train``/``lab compare``: :mod:`lab.options`
+    builds each flag from these fields (as TRL's ``HfArgumentParser`` does from its configs), so an option
+    is defined once. ``help`` is its help text, ``parse`` names the converter of its text (lab.options'
+    ``PARSERS``; else the field's type), ``cli`` holds further argparse settings (choices, metavar).
+    ``default`` may be a factory (``list``) for a mutable default."""
+    metadata = {"help": help, "parse": parse, "cli": cli}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class RunConfig:
     """Everything one run needs; saved as ``config.json`` so a run can be reproduced or resumed.
@@ -51,40 +63,100 @@ class RunConfig:
     paper-like defaults for a real model (:data:`GENERAL`). :meth:`resolved` fills them in.
     """
 
-    aggregator: str = "delta_l"
-    alpha: float | str = 1.0  # or "auto": α from the probes (lab.auto_alpha)
-    delta_l_scope: str = "batch"
-    preset: str | None = None
-    task: str | None = None
-    model: str | None = None
-    steps: int | None = None
-    seed: int = 0
-    prompts_per_step: int | None = None
-    micro_batch_size: int | None = None  # rows per forward/backward; None: min(8, rows per step) (fast: all)
-    num_generations: int | None = None
-    max_completion_length: int | None = None
-    temperature: float | None = None
-    optimizer: str = "adamw"
-    learning_rate: float | None = None
-    max_grad_norm: float = 1.0
-    equalize_step_size: bool = False
-    length_range: tuple[int, int] | None = None  # digitsum: digits per problem (min, max)
-    lora_r: int | None = None
-    shaped_reward: bool | None = None
+    aggregator: str = "delta_l"  # lab train --aggregator / lab compare --aggregators (lab.options)
+    alpha: float | str = option(
+        1.0,
+        "ΔL exponent α >= 0 (default 1.0), or 'auto': α from the measured Var(g_i) ∝ L_i^k "
+        "(lab.auto_alpha; turns on probes, every 2 steps unless --probe-every says otherwise)",
+        parse="alpha",
+    )
+    delta_l_scope: str = option(
+        "batch",
+        "normalize the ΔL weights over the whole generation batch (default, as the paper's code: "
+        "then GRPO and ΔL(α=1) share one gradient direction) or per prompt group",
+        choices=("batch", "group"),
+    )
+    preset: str | None = option(
+        None,
+        "a named set of defaults: 'fast' (the default: the digitsum task on the lab's small model, "
+        "5 seeds in parallel) or 'smollm2-countdown' (the embedded SmolLM2 on CountDown, LoRA); any other flag "
+        "overrides it. Without --preset, --model/--task pick the defaults",
+        choices=tuple(RUN_PRESETS),
+    )
+    task: str | None = option(None, "task (default: the preset's)", choices=tuple(TASKS))
+    model: str | None = option(
+        None,
+        f"preset ({', '.join(PRESETS)}), hub id or local path (default: the preset's; "
+        f"{EMBEDDED_MODEL} is the embedded real model)",
+    )
+    steps: int | None = option(None, "optimizer steps (default: the preset's)", parse="positive_int")
+    seed: int = option(0, "first seed (default 0)")
+    prompts_per_step: int | None = option(
+        None, "prompts per optimizer step (default: the preset's)", parse="positive_int"
+    )
+    micro_batch_size: int | None = option(
+        None,
+        "completions per forward/backward (default min(8, rows)); the step's batch is accumulated",
+        parse="positive_int",
+    )
+    num_generations: int | None = option(None, "completions per prompt (G)", parse="positive_int")
+    max_completion_length: int | None = option(None, "M, in tokens", parse="positive_int")
+    temperature: float | None = option(None, "sampling temperature (default: the preset's)")
+    optimizer: str = option(
+        "adamw",
+        "adamw (default) or plain sgd: Adam absorbs a per-step scale of the gradient, SGD does not",
+        choices=tuple(OPTIMIZERS),
+    )
+    learning_rate: float | None = option(None, "learning rate (default: the preset's, per optimizer)")
+    max_grad_norm: float = option(
+        1.0, "gradient clipping (default 1.0, the paper's; 0 turns it off)", parse="non_negative_float"
+    )
+    equalize_step_size: bool = option(
+        False,
+        "scale each aggregator's loss by (1/M)/Σx_i per batch, so all have ΔL's expected step size "
+        "and only the gradient direction differs",
+    )
+    length_range: tuple[int, int] | None = option(
+        None,
+        "digitsum: digits per problem (default 2,12); longer problems need longer scratchpads",
+        parse="length_range",
+        metavar="MIN,MAX",
+    )
+    lora_r: int | None = option(None, "LoRA rank (default: the model's)", parse="positive_int")
+    shaped_reward: bool | None = option(None, "a partial-credit reward (default: the preset's)")
     task_options: dict[str, Any] | None = None
-    eval_every: int = 0  # 0: evaluate only after the last step (if eval_prompts > 0)
-    eval_prompts: int = 0
-    eval_k: int = 4
-    probe_every: int | None = None
-    compare_gradients_every: int | None = None
-    save_every: int | None = None
-    threads: int | None = None
-    log_texts: bool = False
-    report_to: list[str] = field(default_factory=list)
+    eval_every: int = option(0, "steps between evals (0: only after the last)")
+    eval_prompts: int = option(0, "eval prompts (0: no eval)")
+    eval_k: int = option(4, "samples per eval prompt (Avg@k, Pass@k)", parse="positive_int")
+    probe_every: int | None = option(
+        None, "per-sample gradient probe every K steps: measured CV, Var(g_i) vs L_i (0: off; fast: 5)"
+    )
+    compare_gradients_every: int | None = option(
+        None,
+        "log the cosine and norm ratio of the four aggregators' gradients every K steps (0: off; fast: 1)",
+    )
+    save_every: int | None = option(None, "checkpoint every K steps", parse="positive_int")
+    threads: int | None = option(None, "torch CPU threads", parse="positive_int")
+    log_texts: bool = option(False, "keep completion texts in samples.jsonl")
+    report_to: list[str] = option(  # noqa: RUF009 (option returns a dataclasses.field)
+        list, "comma list for TRL, e.g. wandb,tensorboard (default none)", parse="comma_list"
+    )
     comparison: str | None = None
-    vllm: bool = False  # generate with vLLM colocated in the training process (TRL's use_vllm), GPU only
-    vllm_gpu_memory_utilization: float = 0.3  # the GPU memory fraction vLLM reserves (TRL's default)
-    generation: str = "auto"  # a GENERATION_CHOICES entry: TRL's generation path (auto: per device)
+    vllm: bool = option(
+        False,
+        "generate with vLLM colocated in the training process (TRL use_vllm, vllm_mode=colocate); "
+        "needs a CUDA GPU and the vllm package",
+    )
+    vllm_gpu_memory_utilization: float = option(
+        0.3, "GPU memory fraction vLLM reserves with --vllm (default 0.3, TRL's)"
+    )
+    generation: str = option(
+        "auto",
+        "TRL's generation path: auto (default: plain generate on a GPU; on CPU a static cache with each "
+        "prompt prefilled once, except for the fast preset), generate, continuous-batching (GPU), static-cache, "
+        "static-compile (GPU), prefill-once; benchmarks/gpu_generation.py measures them",
+        choices=GENERATION_CHOICES,
+    )
 
     def resolved(self) -> RunConfig:
         """A copy with every ``None`` filled in and every value checked (ValueError names the bad one)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib.machinery
 import importlib.util
 import os
@@ -16,6 +18,7 @@ import torch
 
 from lab.aggregation import delta_l_row_weights
 from lab.cli import build_parser, config_from_args, main
+from lab.options import run_options
 from lab.runlog import RunReader, read_json
 from lab.runner import RunConfig
 from tests.helpers import free_port
@@ -287,6 +290,32 @@ def test_vllm_problems_are_named_before_anything_is_created(
 def test_vllm_memory_fraction_needs_vllm(tmp_path, capsys):
     assert main(["train", "--vllm-gpu-memory-utilization", "0.5", "--out", str(tmp_path / "x"), *FAST]) == 2
     assert "applies only with --vllm" in capsys.readouterr().err
+
+
+def subcommand_dests(name: str) -> set[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest for a in sub.choices[name]._actions if a.dest != "help"}
+
+
+def test_the_run_options_are_the_run_config_fields():
+    """Each option of lab train/compare is defined once, as a RunConfig field (lab.run_config.option)."""
+    fields = {f.name for f in run_options()}
+    assert fields <= {f.name for f in dataclasses.fields(RunConfig)}
+    comparison = {"seeds", "workers", "resume", "out"}
+    assert subcommand_dests("train") == fields | comparison | {"aggregator"}
+    assert subcommand_dests("compare") == fields | comparison | {"aggregators"}
+    assert not fields & {"aggregator", "task_options", "comparison"}  # set by the runner, not by a flag
+
+
+def test_options_not_given_keep_the_run_config_defaults_and_given_ones_reach_their_fields():
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["train", "--out", "x"]), "delta_l") == RunConfig()
+    args = parse(["train", "--seed", "3", "--eval-k", "2", "--report-to", "wandb, tensorboard", "--no-shaped-reward",
+                  "--length-range", "3,5", "--log-texts", "--alpha", "auto", "--out", "x"])  # fmt: skip
+    c = config_from_args(args, "grpo")
+    assert (c.aggregator, c.seed, c.eval_k, c.report_to) == ("grpo", 3, 2, ["wandb", "tensorboard"])
+    assert (c.shaped_reward, c.length_range, c.log_texts, c.alpha) == (False, (3, 5), True, "auto")
 
 
 def test_generation_flag_reaches_the_run_config(tmp_path):
