@@ -66,7 +66,7 @@ def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
     GPU: bf16 and activation checkpointing (TRL's defaults). CPU (measured on the demo, 2 cores:
     benchmarks/cpu_step_profile.py, benchmarks/prompt_sharing.py): fp32 (bf16 was not faster), no
     checkpointing, each distinct prompt prefilled once in generation and forwarded once per micro-batch in
-    the loss, micro-batches cut by prompt (all exact; lab.trainer) -- the demo's prompts are ~6x longer than
+    the loss, micro-batches cut by prompt (all exact; lab.speed) -- the demo's prompts are ~6x longer than
     its completions and each is repeated num_generations times -- and a static KV cache for sampling
     (transformers' own; the growing cache is re-copied at every token). vLLM: colocated. ``--generation``
     other than ``auto`` replaces the generation settings with exactly that :data:`GENERATION_PATHS` entry.
