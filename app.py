@@ -18,7 +18,7 @@ from lab.aggregators import DEFAULT_AGGREGATORS
 from lab.dashboard import ui
 from lab.dashboard.colors import color_for, display_name
 from lab.dashboard.safe import css_color, md
-from lab.runlog import read_json
+from lab.runlog import STATUS, read_json
 
 st.set_page_config(page_title="ΔL Lab", page_icon="Δ", layout="wide")
 
@@ -48,7 +48,7 @@ def sidebar() -> ui.Settings:
         selected = [(comparison, run_dirs[name]) for name in chosen if name in run_dirs]
         for comparison_name, path in selected:
             run = ui.store().get(path, comparison_name)
-            state = (read_json(path / "status.json") or {}).get("state", "unknown")
+            state = (read_json(path / STATUS) or {}).get("state", "unknown")
             # The square's colour is the lab's own (checked #rrggbb); the name and state are escaped data.
             sb.markdown(f"<span style='color:{css_color(color_for(run.label))}'>■</span> "
                         f"<code>{md(path.name)}</code> · {md(state)}", unsafe_allow_html=True)  # fmt: skip

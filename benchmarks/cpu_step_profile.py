@@ -188,6 +188,7 @@ def worker(settings: dict[str, Any], steps: int, model: str, threads: int | None
     from accelerate import Accelerator
 
     import lab.runner as runner
+    from lab.runlog import SAMPLES
     from lab.speed import SpeedConfig, SpeedTrainer
 
     settings = dict(settings)
@@ -307,9 +308,7 @@ def worker(settings: dict[str, Any], steps: int, model: str, threads: int | None
         t0 = time.perf_counter()
         runner.train_run(config, Path(tmp) / "run")
         record["total_s"] = time.perf_counter() - t0
-        samples = [
-            json.loads(line) for line in (Path(tmp) / "run" / "samples.jsonl").read_text().splitlines()
-        ]
+        samples = [json.loads(line) for line in (Path(tmp) / "run" / SAMPLES).read_text().splitlines()]
     monitor.stop()
     import resource
 

@@ -28,13 +28,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lab.aggregators import DEFAULT_AGGREGATORS  # noqa: E402
 from lab.dashboard import lengths, noise, overview, weights  # noqa: E402
 from lab.dashboard.data import RunData, RunStore, group_by_label  # noqa: E402
-from lab.runlog import RunWriter  # noqa: E402
+from lab.runlog import STATUS, RunWriter  # noqa: E402
 from lab.synthetic_runs import SyntheticRun, append_step, no_fsync, write_run  # noqa: E402
 
 STEPS, PROMPTS, GENERATIONS = 2000, 8, 8  # 64 completions per step
-AGGREGATORS = ("grpo", "dapo", "dr_grpo", "delta_l")
+AGGREGATORS = DEFAULT_AGGREGATORS  # the lab's four
 LIVE = "delta_l"  # this run is "running" and receives the new steps
 
 
@@ -48,7 +49,7 @@ def spec(aggregator: str) -> SyntheticRun:
 
 def generate(root: Path) -> None:
     """Write the 4 runs once (fsync skipped while generating; reading is unaffected)."""
-    if (root / "bench" / f"{LIVE}-s0" / "status.json").exists():
+    if (root / "bench" / f"{LIVE}-s0" / STATUS).exists():
         return
     t = time.perf_counter()
     with no_fsync():

@@ -77,7 +77,7 @@ def build_trainer(args: argparse.Namespace, workdir: Path):
     if args.micro_batch_size:
         fields["micro_batch_size"] = args.micro_batch_size
     c = runner.RunConfig(**fields).resolved()
-    runner._set_threads(c)
+    runner.set_threads(c)
     task = get_task(c.task)
     data = task.train_dataset(
         args.batches * c.prompts_per_step, seed=0, chat=resolve_preset(c.model).chat, **c.task_options

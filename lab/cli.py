@@ -24,53 +24,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lab import access
 from lab.access import LOCALHOST
-from lab.options import build_parser
+from lab.options import build_parser, run_option_values
 
 
 def config_from_args(args: argparse.Namespace, aggregator: str):
-    from lab.runner import RunConfig
+    """The RunConfig of ``args`` (each option is a RunConfig field, lab.options): what is not given keeps its default."""
+    from lab.run_config import RunConfig
 
     if args.vllm_gpu_memory_utilization is not None and not args.vllm:
         raise ValueError("--vllm-gpu-memory-utilization applies only with --vllm")
-    fields = {
-        "task": args.task,
-        "model": args.model,
-        "alpha": args.alpha,
-        "delta_l_scope": args.delta_l_scope,
-        "steps": args.steps,
-        "prompts_per_step": args.prompts_per_step,
-        "micro_batch_size": args.micro_batch_size,
-        "num_generations": args.num_generations,
-        "max_completion_length": args.max_completion_length,
-        "temperature": args.temperature,
-        "learning_rate": args.learning_rate,
-        "lora_r": args.lora_r,
-        "shaped_reward": args.shaped_reward,
-        "eval_every": args.eval_every,
-        "eval_prompts": args.eval_prompts,
-        "eval_k": args.eval_k,
-        "probe_every": args.probe_every,
-        "compare_gradients_every": args.compare_gradients_every,
-        "save_every": args.save_every,
-        "threads": args.threads,
-        "preset": args.preset,
-        "length_range": args.length_range,
-        "vllm_gpu_memory_utilization": args.vllm_gpu_memory_utilization,
-        "generation": args.generation,
-    }
-    config = RunConfig(
-        aggregator=aggregator,
-        seed=args.seed,
-        log_texts=args.log_texts,
-        optimizer=args.optimizer,
-        equalize_step_size=args.equalize_step_size,
-        max_grad_norm=args.max_grad_norm,
-        vllm=args.vllm,
-        **{k: v for k, v in fields.items() if v is not None},
-    )
-    if args.report_to:
-        config.report_to = [s.strip() for s in args.report_to.split(",") if s.strip()]
-    return config
+    return RunConfig(aggregator=aggregator, **run_option_values(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args, aggregators[0])
         defaults = run_defaults(config)
-        seeds = list(range(args.seed, args.seed + (args.seeds or defaults["seeds"])))
+        seeds = list(range(config.seed, config.seed + (args.seeds or defaults["seeds"])))
         workers = args.workers or defaults["workers"]
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             workers = 1  # under accelerate/torchrun every process is already one rank of the same run

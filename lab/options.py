@@ -2,18 +2,22 @@
 
 Its own module so that the CLI (:mod:`lab.cli`) and the dashboard's Launch tab (:mod:`lab.dashboard.launch`,
 which validates a form against ``lab compare``'s own parser) both import it, and neither imports the other.
+A run's options are generated from :class:`lab.run_config.RunConfig`'s fields (their help, converter and
+choices are defined there, once); only the comparison's own (``--seeds``, ``--workers``, ``--resume``,
+``--out``, the aggregator names) and ``lab dashboard``'s are written here.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from lab.access import LOCALHOST
 from lab.aggregators import AGGREGATORS, DEFAULT_AGGREGATORS, parse_names
-from lab.auto_alpha import is_auto
-from lab.models import EMBEDDED_MODEL, PRESETS
-from lab.tasks import TASKS
+from lab.auto_alpha import check_alpha_setting
+from lab.run_config import RunConfig
 
 
 def _positive_int(text: str) -> int:
@@ -46,13 +50,10 @@ def _aggregator_list(text: str) -> list[str]:
 
 
 def _alpha(text: str) -> float | str:
-    """A number or 'auto'; the range is checked with the rest of the run config (lab.runner)."""
-    if is_auto(text):
-        return "auto"
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'auto', got {text!r}") from None
+        return check_alpha_setting(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _length_range(text: str) -> tuple[int, int]:
@@ -70,121 +71,54 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    from lab.runner import GENERATION_CHOICES, OPTIMIZERS, RUN_PRESETS
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
-    p.add_argument(
-        "--preset",
-        default=None,
-        choices=list(RUN_PRESETS),
-        help="a named set of defaults: 'fast' (the default: the digitsum task on the lab's small model, "
-        "5 seeds in parallel) or 'smollm2-countdown' (the embedded SmolLM2 on CountDown, LoRA); any flag "
-        "below overrides it. Without --preset, --model/--task pick the defaults",
-    )
-    p.add_argument("--task", default=None, choices=list(TASKS), help="task (default: the preset's)")
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"preset ({', '.join(PRESETS)}), hub id or local path (default: the preset's; "
-        f"{EMBEDDED_MODEL} is the embedded real model)",
-    )
-    p.add_argument("--alpha", type=_alpha, default=1.0,
-                   help="ΔL exponent α >= 0 (default 1.0), or 'auto': α from the measured Var(g_i) ∝ L_i^k "
-                   "(lab.auto_alpha; turns on probes, every 2 steps unless --probe-every says otherwise)")  # fmt: skip
-    p.add_argument(
-        "--delta-l-scope",
-        default="batch",
-        choices=["batch", "group"],
-        help="normalize the ΔL weights over the whole generation batch (default, as the paper's code: "
-        "then GRPO and ΔL(α=1) share one gradient direction) or per prompt group",
-    )
-    p.add_argument(
-        "--optimizer",
-        default="adamw",
-        choices=list(OPTIMIZERS),
-        help="adamw (default) or plain sgd: Adam absorbs a per-step scale of the gradient, SGD does not",
-    )
-    p.add_argument(
-        "--equalize-step-size",
-        action="store_true",
-        help="scale each aggregator's loss by (1/M)/Σx_i per batch, so all have ΔL's expected step size "
-        "and only the gradient direction differs",
-    )
-    p.add_argument(
-        "--max-grad-norm",
-        type=_non_negative_float,
-        default=1.0,
-        help="gradient clipping (default 1.0, the paper's; 0 turns it off)",
-    )
-    p.add_argument(
-        "--length-range",
-        type=_length_range,
-        default=None,
-        metavar="MIN,MAX",
-        help="digitsum: digits per problem (default 2,12); longer problems need longer scratchpads",
-    )
-    p.add_argument(
-        "--steps", type=_positive_int, default=None, help="optimizer steps (default: the preset's)"
-    )
-    p.add_argument("--prompts-per-step", type=_positive_int, default=None)
-    p.add_argument(
-        "--micro-batch-size",
-        type=_positive_int,
-        default=None,
-        help="completions per forward/backward (default min(8, rows)); the step's batch is accumulated",
-    )
-    p.add_argument("--num-generations", type=_positive_int, default=None, help="completions per prompt (G)")
-    p.add_argument("--max-completion-length", type=_positive_int, default=None, help="M, in tokens")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--lora-r", type=_positive_int, default=None)
-    p.add_argument("--shaped-reward", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument(
-        "--eval-every", type=int, default=None, help="steps between evals (0: only after the last)"
-    )
-    p.add_argument("--eval-prompts", type=int, default=None, help="eval prompts (0: no eval)")
-    p.add_argument(
-        "--eval-k", type=_positive_int, default=None, help="samples per eval prompt (Avg@k, Pass@k)"
-    )
-    p.add_argument(
-        "--probe-every",
-        type=int,
-        default=None,
-        help="per-sample gradient probe every K steps: measured CV, Var(g_i) vs L_i (0: off; fast: 5)",
-    )
-    p.add_argument(
-        "--compare-gradients-every",
-        type=int,
-        default=None,
-        help="log the cosine and norm ratio of the four aggregators' gradients every K steps (0: off; fast: 1)",
-    )
-    p.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint every K steps")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--log-texts", action="store_true", help="keep completion texts in samples.jsonl")
-    p.add_argument(
-        "--report-to", default=None, help="comma list for TRL, e.g. wandb,tensorboard (default none)"
-    )
-    p.add_argument(
-        "--vllm",
-        action="store_true",
-        help="generate with vLLM colocated in the training process (TRL use_vllm, vllm_mode=colocate); "
-        "needs a CUDA GPU and the vllm package",
-    )
-    p.add_argument(
-        "--vllm-gpu-memory-utilization",
-        type=float,
-        default=None,
-        help="GPU memory fraction vLLM reserves with --vllm (default 0.3, TRL's)",
-    )
-    p.add_argument(
-        "--generation",
-        default=None,
-        choices=list(GENERATION_CHOICES),
-        help="TRL's generation path: auto (default: plain generate on a GPU; on CPU a static cache with each "
-        "prompt prefilled once, except for the fast preset), generate, continuous-batching (GPU), static-cache, "
-        "static-compile (GPU), prefill-once; benchmarks/gpu_generation.py measures them",
-    )
-    p.add_argument("--seed", type=int, default=0, help="first seed")
+
+#: The converters a RunConfig field's ``parse`` names (lab.run_config.option).
+PARSERS = {
+    "positive_int": _positive_int,
+    "alpha": _alpha,
+    "length_range": _length_range,
+    "non_negative_float": _non_negative_float,
+    "comma_list": _comma_list,
+}
+
+
+def run_options() -> list[dataclasses.Field]:
+    """The RunConfig fields that are command-line options (those made with lab.run_config.option), in order."""
+    return [f for f in dataclasses.fields(RunConfig) if "help" in f.metadata]
+
+
+def _flag_settings(f: dataclasses.Field) -> dict[str, Any]:
+    """argparse settings of one RunConfig field: its converter or type, choices, help. Every default is None,
+    so an option not given leaves the RunConfig default (see :func:`run_option_values`)."""
+    settings: dict[str, Any] = {"default": None, "help": f.metadata["help"], **f.metadata["cli"]}
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if f.metadata["parse"]:
+        settings["type"] = PARSERS[f.metadata["parse"]]
+    elif kind == "bool":  # off by default: the flag turns it on
+        settings["action"] = "store_true"
+    elif kind == "bool | None":  # None: the preset decides; --x / --no-x
+        settings["action"] = argparse.BooleanOptionalAction
+    elif kind.startswith("int"):
+        settings["type"] = int
+    elif kind.startswith("float"):
+        settings["type"] = float
+    if settings.get("choices") is not None:
+        settings["choices"] = list(settings["choices"])
+    return settings
+
+
+def run_option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunConfig fields ``args`` set (options not given are left out: RunConfig's default applies)."""
+    return {f.name: getattr(args, f.name) for f in run_options() if getattr(args, f.name, None) is not None}
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig option (lab.run_config), then the comparison's own: seeds, workers, resume, out."""
+    for f in run_options():
+        p.add_argument("--" + f.name.replace("_", "-"), **_flag_settings(f))
     p.add_argument(
         "--seeds",
         type=_positive_int,

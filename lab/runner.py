@@ -2,388 +2,53 @@
 
 ``train_run`` builds everything from a :class:`RunConfig` and writes ``<run_dir>/`` in the
 :mod:`lab.runlog` schema; ``run_comparison`` repeats it for every aggregator and seed with the same
-prompts, seeds and sampling settings (a fair A/B), one run after another on one device.
+prompts, seeds and sampling settings (a fair A/B), one run after another or in worker processes.
+
+Its parts live along their seams: the presets and the run config in :mod:`lab.run_config`, the device
+policy in :mod:`lab.devices`, the run-log callback in :mod:`lab.runlog_callback`; their names stay
+importable from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 from lab import rundir
-from lab.aggregation import counterfactual_cv
-from lab.aggregators import AGGREGATORS, split_label
 from lab.aggregators import get as get_aggregator
-from lab.auto_alpha import check_alpha_setting, check_auto_alpha, is_auto
-from lab.models import EMBEDDED_MODEL, load_model_and_tokenizer, lora_config, model_path, resolve_preset
-from lab.runlog import CONFIG, METRICS, STATUS, RunWriter, read_json, run_id, run_label
-from lab.tasks import DEMO, FAST, TASKS, get_task
+from lab.aggregators import split_label
+from lab.auto_alpha import is_auto
+from lab.devices import (  # noqa: F401 (re-exported: lab.runner's names before the split)
+    GENERATION_CHOICES,
+    GENERATION_PATHS,
+    GPU_ONLY_GENERATION,
+    check_generation,
+    check_vllm,
+    device_settings,
+    set_threads,
+)
+from lab.models import load_model_and_tokenizer, lora_config, model_path, resolve_preset
+from lab.run_config import (  # noqa: F401 (re-exported)
+    AUTO_ALPHA_PROBE_EVERY,
+    GENERAL,
+    OPTIMIZERS,
+    RUN_PRESETS,
+    RunConfig,
+    infer_preset,
+    run_defaults,
+)
+from lab.runlog import CONFIG, METRICS, STATUS, RunWriter, read_json, run_label
+from lab.runlog_callback import RunLogCallback
+from lab.tasks import get_task
 
 CHECKPOINTS = "checkpoints"
-AUTO_ALPHA_PROBE_EVERY = 2  # --alpha auto without --probe-every: a probe every 2 steps feeds the α estimate
-
-
-#: Named bundles of defaults: ``fast`` (the default main job) and the SmolLM2 CountDown demo.
-RUN_PRESETS: dict[str, dict[str, Any]] = {"fast": FAST, "smollm2-countdown": DEMO}
-OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}  # --optimizer → transformers' optim name
-#: ``--generation``: TRL's generation paths as GRPOConfig/DeltaLGRPOConfig fields (benchmarks/gpu_generation.py
-#: measures each). ``auto`` (the default) is :func:`device_settings`' per-device choice.
-GENERATION_PATHS: dict[str, dict[str, Any]] = {
-    "generate": {},  # transformers' generate with a dynamic KV cache (TRL's default)
-    "continuous-batching": {"use_transformers_continuous_batching": True},  # transformers' paged engine
-    "static-cache": {"cache_implementation": "static"},
-    "static-compile": {"cache_implementation": "static", "compile_generation": True},  # CUDA only
-    "prefill-once": {"prefill_prompts_once": True},  # the lab's: each prompt prefilled once (lab.speed)
-}
-GENERATION_CHOICES = ("auto", *GENERATION_PATHS)
-GPU_ONLY_GENERATION = {  # why each is refused without CUDA
-    "static-compile": "transformers compiles generation only there; use --generation static-cache",
-    "continuous-batching": "on CPU transformers sizes its KV cache at half the machine's RAM, and it was slower "
-    "than generate there (benchmarks/gpu_generation.py --quick)",
-}
-#: Defaults outside the presets (a Qwen2.5 model on a GPU, the paper-like setting).
-GENERAL = {"steps": 200, "prompts_per_step": 16, "num_generations": 8, "max_completion_length": 1024,
-           "temperature": 1.0, "shaped": False, "learning_rate": {"adamw": 2e-5, "sgd": 1e-3}}  # fmt: skip
-
-
-def infer_preset(model: str | None, task: str | None) -> str | None:
-    """The preset whose defaults apply when none is named: ``fast`` with neither model nor task, the
-    CountDown demo for the embedded model (and the ``tiny`` test model) on CountDown, else none."""
-    if model in (None, FAST["model"]) and task in (None, FAST["task"]):
-        return "fast"
-    if model in (None, EMBEDDED_MODEL, "tiny") and task in (None, DEMO["task"]):
-        return "smollm2-countdown"
-    return None
-
-
-@dataclass
-class RunConfig:
-    """Everything one run needs; saved as ``config.json`` so a run can be reproduced or resumed.
-
-    ``None`` means "the default": from the named ``preset`` (``fast`` or ``smollm2-countdown``, see
-    :data:`RUN_PRESETS`), else from the preset :func:`infer_preset` picks for the model and task, else the
-    paper-like defaults for a real model (:data:`GENERAL`). :meth:`resolved` fills them in.
-    """
-
-    aggregator: str = "delta_l"
-    alpha: float | str = 1.0  # or "auto": α from the probes (lab.auto_alpha)
-    delta_l_scope: str = "batch"
-    preset: str | None = None
-    task: str | None = None
-    model: str | None = None
-    steps: int | None = None
-    seed: int = 0
-    prompts_per_step: int | None = None
-    micro_batch_size: int | None = None  # rows per forward/backward; None: min(8, rows per step) (fast: all)
-    num_generations: int | None = None
-    max_completion_length: int | None = None
-    temperature: float | None = None
-    optimizer: str = "adamw"
-    learning_rate: float | None = None
-    max_grad_norm: float = 1.0
-    equalize_step_size: bool = False
-    length_range: tuple[int, int] | None = None  # digitsum: digits per problem (min, max)
-    lora_r: int | None = None
-    shaped_reward: bool | None = None
-    task_options: dict[str, Any] | None = None
-    eval_every: int = 0  # 0: evaluate only after the last step (if eval_prompts > 0)
-    eval_prompts: int = 0
-    eval_k: int = 4
-    probe_every: int | None = None
-    compare_gradients_every: int | None = None
-    save_every: int | None = None
-    threads: int | None = None
-    log_texts: bool = False
-    report_to: list[str] = field(default_factory=list)
-    comparison: str | None = None
-    vllm: bool = False  # generate with vLLM colocated in the training process (TRL's use_vllm), GPU only
-    vllm_gpu_memory_utilization: float = 0.3  # the GPU memory fraction vLLM reserves (TRL's default)
-    generation: str = "auto"  # a GENERATION_CHOICES entry: TRL's generation path (auto: per device)
-
-    def resolved(self) -> RunConfig:
-        """A copy with every ``None`` filled in and every value checked (ValueError names the bad one)."""
-        c = dataclasses.replace(self)
-        if c.aggregator not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {c.aggregator!r}; expected one of {', '.join(AGGREGATORS)}")
-        c.alpha = check_alpha_setting(c.alpha)
-        if c.preset is not None and c.preset not in RUN_PRESETS:
-            raise ValueError(f"unknown preset {c.preset!r}; expected one of {', '.join(RUN_PRESETS)}")
-        if c.task is not None and c.task not in TASKS:
-            raise ValueError(f"unknown task {c.task!r}; expected one of {', '.join(TASKS)}")
-        if c.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {c.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
-        if c.delta_l_scope not in ("batch", "group"):
-            raise ValueError(f"delta_l_scope must be 'batch' or 'group', got {c.delta_l_scope!r}")
-        c.preset = c.preset or infer_preset(c.model, c.task)
-        d = RUN_PRESETS[c.preset] if c.preset else GENERAL
-        c.task = c.task or d.get("task", DEMO["task"])
-        c.model = c.model or d.get("model", EMBEDDED_MODEL)
-        resolve_preset(c.model)
-        _check_task_model(c.task, c.model)
-        for name in ("steps", "prompts_per_step", "num_generations", "temperature", "micro_batch_size",
-                     "probe_every", "compare_gradients_every", "save_every", "threads"):  # fmt: skip
-            if getattr(c, name) is None:
-                setattr(c, name, d.get(name))
-        if c.learning_rate is None:
-            c.learning_rate = d.get("learning_rate", GENERAL["learning_rate"])[c.optimizer]
-        if c.shaped_reward is None:
-            c.shaped_reward = d.get("shaped", False)
-        if c.task_options is None:
-            c.task_options = dict(d.get("task_options", {})) if c.task == d.get("task") else {}
-        if c.length_range is not None:
-            c.task_options.update(_length_range_options(c.task, c.length_range))
-        if c.max_completion_length is None:
-            c.max_completion_length = d.get("max_completion_length") or _default_max_length(c)
-        c.probe_every = c.probe_every or 0
-        if is_auto(c.alpha):  # refused here, before any run dir exists, where the probes cannot run
-            check_auto_alpha(c.aggregator, c.num_generations)
-            c.probe_every = c.probe_every or AUTO_ALPHA_PROBE_EVERY
-        c.compare_gradients_every = c.compare_gradients_every or 0
-        if not get_aggregator(c.aggregator).weights_known:  # the four aggregators' gradients need their x_i
-            c.compare_gradients_every = 0
-        c.save_every = c.save_every or 5
-        _check_numbers(c)
-        rundir.check_seed(c.seed)  # reliability: before any dir is made
-        rundir.check_report_to(c.report_to)
-        check_generation(c.generation, c.vllm)
-        if c.vllm:
-            check_vllm(c.vllm_gpu_memory_utilization)
-        return c
-
-    @property
-    def run_id(self) -> str:
-        return run_id(self.aggregator, self.seed, self.alpha)
-
-
-def run_defaults(config: RunConfig) -> dict[str, int]:
-    """Comparison-level defaults of the config's preset: ``seeds`` (fast: 5, else 1), ``workers`` (fast: as
-    many as there are CPU cores, at most its preset value; else 1). Validates the config (ValueError)."""
-    c = config.resolved()
-    d = RUN_PRESETS.get(c.preset or "", {})
-    return {
-        "seeds": int(d.get("seeds", 1)),
-        "workers": max(1, min(int(d.get("workers", 1)), os.cpu_count() or 1)),
-    }
-
-
-def _check_task_model(task: str, model: str) -> None:
-    """The digitsum task and its model only make sense together (the model knows 16 words)."""
-    if (task == FAST["task"]) != (model == FAST["model"]):
-        raise ValueError(
-            f"task {task!r} with model {model!r}: the {FAST['task']!r} task needs the {FAST['model']!r} model "
-            "and that model knows only that task"
-        )
-
-
-def _length_range_options(task: str, length_range: tuple[int, int]) -> dict[str, int]:
-    if task != FAST["task"]:
-        raise ValueError(f"--length-range applies to the {FAST['task']!r} task only, not {task!r}")
-    from lab.tasks.digitsum import check_digit_range
-
-    lo, hi = check_digit_range(*length_range)
-    return {"min_digits": lo, "max_digits": hi}
-
-
-def _default_max_length(c: RunConfig) -> int:
-    """digitsum: room for the longest scratchpad (2n + 4 tokens) plus 4 to ramble."""
-    if c.task == FAST["task"]:
-        from lab.tasks.digitsum import DEFAULT_DIGITS
-
-        return 2 * int(c.task_options.get("max_digits", DEFAULT_DIGITS[1])) + 8
-    return GENERAL["max_completion_length"]
-
-
-def _check_numbers(c: RunConfig) -> None:
-    rows = c.prompts_per_step * c.num_generations if isinstance(c.num_generations, int) else 0
-    if c.micro_batch_size is None:
-        c.micro_batch_size = (rows if c.preset == "fast" else math.gcd(rows, 8)) or 1
-    for name in ("steps", "prompts_per_step", "num_generations", "max_completion_length", "eval_k",
-                 "save_every", "micro_batch_size"):  # fmt: skip
-        value = getattr(c, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if rows % c.micro_batch_size:
-        raise ValueError(
-            f"micro_batch_size={c.micro_batch_size!r} must divide the {rows} completions of a step"
-        )
-    if c.num_generations < 2:
-        raise ValueError(
-            f"num_generations must be >= 2 (a group needs a reward spread), got {c.num_generations!r}"
-        )
-    for name in ("eval_every", "eval_prompts", "probe_every", "compare_gradients_every"):
-        value = getattr(c, name)
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    for name in ("temperature", "learning_rate"):
-        value = getattr(c, name)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if not (
-        isinstance(c.max_grad_norm, (int, float)) and math.isfinite(c.max_grad_norm) and c.max_grad_norm >= 0
-    ):
-        raise ValueError(
-            f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {c.max_grad_norm!r}"
-        )
-    if c.threads is not None and (not isinstance(c.threads, int) or c.threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {c.threads!r}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# the run log written during training (lab.runlog is the schema and the readers; it imports no trainer code)
-# ---------------------------------------------------------------------------------------------------
-class RunLogCallback(TrainerCallback):
-    """Writes metrics/samples/probes/status of a ``DeltaLGRPOTrainer`` run into a run dir, one step at a time.
-
-    Needs ``logging_steps=1``. Only the main process writes. ``trainer`` is attached after the trainer is
-    built (``callback.trainer = trainer``) so the callback can drain its ``generation_records`` and the
-    records of any probe hook listed in ``probe_hooks``.
-    """
-
-    def __init__(self, writer: RunWriter, *, max_length: int, alpha: float | str = 1.0, on_step=None):
-        self.writer = writer
-        self.max_length = int(max_length)
-        self.alpha = 1.0 if is_auto(alpha) else float(alpha)  # auto: the trainer's current α, read per step
-        self.trainer = None
-        self.probe_hooks: list = []
-        self.on_step = on_step  # optional callable(step, trainer) for evaluation; may return an eval record
-        self._step_started = time.perf_counter()
-        self._last_tokens: float | None = None
-        self.progress: tuple[str, int] | None = None  # (name, every k steps): print a short line
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step_started = time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return  # the end-of-training summary has no "loss" key of a step
-        step = int(state.global_step)
-        elapsed = time.perf_counter() - self._step_started
-        record: dict[str, Any] = {
-            "step": step,
-            "wall_time": time.time(),
-            "step_time": logs.get("step_time", elapsed),
-        }
-        tokens = logs.get("num_tokens")
-        if tokens is not None and self._last_tokens is not None and elapsed > 0:
-            record["tokens_per_second"] = (tokens - self._last_tokens) / elapsed
-        if tokens is not None:
-            self._last_tokens = tokens
-        record.update(logs)
-        record.update(self._write_samples(step))
-        self._write_probes()
-        self.writer.log_metrics(record)
-        self.writer.set_status("running", step, state.max_steps)
-        if self.progress and (step % self.progress[1] == 0 or step == state.max_steps):
-            print(
-                f"  {self.progress[0]}: step {step}/{state.max_steps}  reward {record.get('reward', float('nan')):.3f}  "
-                f"mean length {record.get('completions/mean_length', float('nan')):.1f}  "
-                f"{record['step_time']:.2f} s/step",
-                flush=True,
-            )
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.on_step is not None:
-            result = self.on_step(int(state.global_step), self.trainer)
-            if result:
-                self.writer.log_eval(result)
-
-    def _write_samples(self, step: int) -> dict[str, float]:
-        """Write the generation records of this step; return its counterfactual CV per aggregator."""
-        if self.trainer is None:
-            return {}
-        records, self.trainer.generation_records = self.trainer.generation_records, []
-        self.alpha = float(getattr(self.trainer, "current_alpha", self.alpha))
-        cv: dict[str, float] = {}
-        for record in records:
-            record = {**record, "step": step}
-            self.writer.log_samples(record)
-            lengths = [n for n in record["lengths"] if n > 0]
-            if lengths:
-                m = max(self.max_length, max(lengths))
-                cv = {
-                    f"cv/{k}": v
-                    for k, v in counterfactual_cv(lengths, alpha=self.alpha, max_length=m).items()
-                }
-        return cv
-
-    def _write_probes(self) -> None:
-        for hook in self.probe_hooks:
-            records, hook.records = list(hook.records), []
-            for record in records:
-                self.writer.log_probe(record)
-
-
-def check_vllm(gpu_memory_utilization: float) -> None:
-    """ValueError (before anything is created) unless vLLM can run here: importable, a CUDA GPU, a sane fraction."""
-    if not 0 < gpu_memory_utilization < 1:
-        raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization!r}")
-    if importlib.util.find_spec("vllm") is None:
-        raise ValueError(
-            "--vllm needs the vllm package, which is not installed in this environment: install a version TRL "
-            "supports on a CUDA machine (`pip install 'trl[vllm]'`), or drop --vllm to generate with transformers"
-        )
-    if not torch.cuda.is_available():
-        raise ValueError("--vllm needs a CUDA GPU (vLLM does not run on this machine's CPU); drop --vllm")
-
-
-def check_generation(generation: str, vllm: bool) -> None:
-    """ValueError unless ``generation`` names a path that can run here (and vLLM is not also asked for)."""
-    if generation not in GENERATION_CHOICES:
-        raise ValueError(
-            f"unknown generation path {generation!r}; expected one of {', '.join(GENERATION_CHOICES)}"
-        )
-    if vllm and generation != "auto":
-        raise ValueError(
-            f"--generation {generation} cannot be combined with --vllm (vLLM does the generation)"
-        )
-    if generation in GPU_ONLY_GENERATION and not torch.cuda.is_available():
-        raise ValueError(f"--generation {generation} needs a CUDA GPU: {GPU_ONLY_GENERATION[generation]}")
-
-
-def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
-    """TRL/transformers switches that trade memory against time, per device (measured choices).
-
-    GPU: bf16 and activation checkpointing (TRL's defaults). CPU (measured on the demo, 2 cores:
-    benchmarks/cpu_step_profile.py, benchmarks/prompt_sharing.py): fp32 (bf16 was not faster), no
-    checkpointing, each distinct prompt prefilled once in generation and forwarded once per micro-batch in
-    the loss, micro-batches cut by prompt (all exact; lab.trainer) -- the demo's prompts are ~6x longer than
-    its completions and each is repeated num_generations times -- and a static KV cache for sampling
-    (transformers' own; the growing cache is re-copied at every token). vLLM: colocated. ``--generation``
-    other than ``auto`` replaces the generation settings with exactly that :data:`GENERATION_PATHS` entry.
-
-    The fast preset keeps TRL's plain path: its prompts are ~10 tokens (nothing to share), it reads the
-    aggregators' gradients off the training backward (which needs one forward per row), and its stored
-    results (benchmarks/results/fast_compare*.json) were measured that way. A run that compares gradients
-    keeps the plain loss forward for the same reason.
-    """
-    share = not on_gpu and c.preset != "fast"
-    if c.generation != "auto":
-        generation = GENERATION_PATHS[c.generation]
-    else:  # GPU and the fast preset: TRL's generate; CPU: a static cache, each prompt prefilled once
-        generation = {**GENERATION_PATHS["static-cache"], **GENERATION_PATHS["prefill-once"]} if share else {}
-    settings: dict[str, Any] = {
-        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
-        "activation_checkpointing": on_gpu,
-        "prefill_prompts_once": False,
-        "forward_prompts_once": share and not c.compare_gradients_every,
-        **generation,
-    }
-    if c.vllm:
-        settings.update(
-            use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=c.vllm_gpu_memory_utilization
-        )
-    return settings
 
 
 def _trl_args(c: RunConfig, run_dir: Path):
@@ -429,13 +94,6 @@ def _trl_args(c: RunConfig, run_dir: Path):
         disable_tqdm=False,
         **device_settings(c, on_gpu),
     )
-
-
-def _set_threads(c: RunConfig) -> None:
-    if c.threads:
-        torch.set_num_threads(c.threads)
-    elif not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def _evaluator(c: RunConfig, task, tokenizer, eval_data):
@@ -541,7 +199,7 @@ def _train_locked(
 
     writer = RunWriter(run_dir, enabled=is_main)  # one writer in a multi-process run
     try:
-        _set_threads(c)
+        set_threads(c)
         random.seed(c.seed)
         torch.manual_seed(c.seed)
         task = get_task(c.task)

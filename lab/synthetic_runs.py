@@ -27,7 +27,7 @@ from unittest import mock
 import numpy as np
 
 from lab.aggregation import METHODS, delta_l_row_weights, estimator_stats, sample_lengths, simulate_estimators
-from lab.runlog import RunWriter, run_id, run_label
+from lab.runlog import LOG_FILES, METRICS, PROBES, SAMPLES, STATUS, RunWriter, run_id, run_label
 
 
 @dataclass
@@ -155,7 +155,7 @@ def write_run(
         append_step(writer, spec, step, rng)
     writer.set_status(spec.state, spec.steps, max_steps)
     if partial_tail:  # a writer caught mid-line
-        for name in ("metrics.jsonl", "samples.jsonl"):
+        for name in (METRICS, SAMPLES):
             with open(run_dir / name, "a", encoding="utf-8") as f:
                 f.write('{"step": ' + str(spec.steps + 1) + ', "lengths": [1')
     return run_dir
@@ -216,18 +216,18 @@ def make_corrupt(root: Path) -> Path:
     """Damaged files: garbage lines, wrong types, unreadable status.json, a run without samples."""
     good = write_run(root, SyntheticRun("grpo", steps=20), comparison="broken")
     bad = write_run(root, SyntheticRun("delta_l", steps=20), comparison="broken")
-    for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "probes.jsonl"):
+    for name in LOG_FILES:
         with open(bad / name, "a", encoding="utf-8") as f:
             f.write("this is not json\n[1, 2, 3]\n")
-    with open(bad / "samples.jsonl", "a", encoding="utf-8") as f:
+    with open(bad / SAMPLES, "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": 21, "lengths": "oops"}) + "\n")
         f.write(json.dumps({"step": 22, "lengths": [10, None, 30], "truncated": [True]}) + "\n")
-    with open(bad / "metrics.jsonl", "a", encoding="utf-8") as f:
+    with open(bad / METRICS, "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": 21, "reward": "high", "cv/grpo": None}) + "\n")
-    with open(bad / "probes.jsonl", "a", encoding="utf-8") as f:
+    with open(bad / PROBES, "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": 21, "lengths": [1, 2], "grad_variances": [1.0], "cv": "x"}) + "\n")
-    (good / "status.json").write_text("{not json", encoding="utf-8")
-    (good / "samples.jsonl").unlink()
+    (good / STATUS).write_text("{not json", encoding="utf-8")
+    (good / SAMPLES).unlink()
     return root
 
 

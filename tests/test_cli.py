@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import importlib.machinery
 import importlib.util
 import json
@@ -12,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,9 @@ import torch
 
 from lab.aggregation import delta_l_row_weights
 from lab.cli import build_parser, config_from_args, main
+from lab.options import run_options
 from lab.runlog import RunReader, read_json
-from lab.runner import RunConfig, device_settings
+from lab.runner import RunConfig
 from tests.helpers import free_port
 
 FAST = [
@@ -93,7 +95,9 @@ def test_bad_arguments_are_named(argv, match, capsys):
 
 def test_bad_values_give_a_clear_error(tmp_path, capsys):
     out = tmp_path / "new"
-    assert main(["train", "--alpha", "-1", "--out", str(out), *FAST]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse refuses it (lab.auto_alpha.check_alpha_setting)
+        main(["train", "--alpha", "-1", "--out", str(out), *FAST])
+    assert refused.value.code == 2
     captured = capsys.readouterr()
     assert "-1" in captured.err and "[1/1]" not in captured.out  # refused before the run banner
     assert not out.exists()
@@ -207,66 +211,6 @@ def test_ctrl_c_stops_parallel_workers_cleanly_and_resume_completes(tmp_path):
     assert read_json(tmp_path / "verdict.json")["seeds"] == 2
 
 
-class FakeTrainer:
-    """What lab.runner._save_interrupted uses of a trainer."""
-
-    def __init__(self, step: int, error: Exception | None = None):
-        self.state = types.SimpleNamespace(global_step=step)
-        self.model, self.error, self.saved = None, error, 0
-
-    def _save_checkpoint(self, model, trial):
-        if self.error is not None:
-            raise self.error
-        self.saved += 1
-
-
-@pytest.mark.parametrize(
-    ("step", "error", "saved", "note"),
-    [
-        (3, None, 1, None),
-        (0, None, 0, None),
-        (3, OSError("disk full"), 0, "checkpoint not saved: OSError: disk full"),
-    ],
-)
-def test_an_interrupted_run_is_marked_even_when_its_checkpoint_cannot_be_saved(
-    tmp_path, step, error, saved, note
-):
-    from lab.runlog import RunWriter
-    from lab.runner import _save_interrupted
-
-    trainer, writer = FakeTrainer(step, error), RunWriter(tmp_path / "run")
-    writer.set_status("running", 0, 10)
-    _save_interrupted(trainer, writer, 10)
-    status = read_json(tmp_path / "run" / "status.json")
-    assert (status["state"], status["step"], status["error"], trainer.saved) == (
-        "interrupted",
-        step,
-        note,
-        saved,
-    )
-
-
-def test_a_worker_starts_no_queued_run_after_ctrl_c(tmp_path, monkeypatch):
-    import multiprocessing
-
-    from lab import runner
-
-    stop = multiprocessing.get_context("spawn").Event()
-    monkeypatch.setattr(runner, "_stop_event", stop)
-    monkeypatch.setattr(runner, "train_run", lambda *a, **k: (tmp_path / "ran").mkdir())
-    monkeypatch.setattr(runner, "_worker_init", lambda stop=None: None)  # a worker's setup, not pytest's
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        assert runner._worker_run(RunConfig(), str(tmp_path / "r"), False) == "finished"
-        stop.set()
-        (tmp_path / "ran").rmdir()
-        assert runner._worker_run(RunConfig(), str(tmp_path / "r"), False) == "not started (interrupted)"
-        assert not (tmp_path / "ran").exists()
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-
-
 class Exec(Exception):
     """Raised by the stand-in for os.execv: the command lab dashboard would become."""
 
@@ -351,11 +295,30 @@ def test_vllm_memory_fraction_needs_vllm(tmp_path, capsys):
     assert "applies only with --vllm" in capsys.readouterr().err
 
 
-def test_vllm_passes_trl_its_colocate_settings():
-    settings = device_settings(RunConfig(vllm=True, vllm_gpu_memory_utilization=0.45), on_gpu=True)
-    assert settings["use_vllm"] is True and settings["vllm_mode"] == "colocate"
-    assert settings["vllm_gpu_memory_utilization"] == 0.45
-    assert "use_vllm" not in device_settings(RunConfig(), on_gpu=True)
+def subcommand_dests(name: str) -> set[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest for a in sub.choices[name]._actions if a.dest != "help"}
+
+
+def test_the_run_options_are_the_run_config_fields():
+    """Each option of lab train/compare is defined once, as a RunConfig field (lab.run_config.option)."""
+    fields = {f.name for f in run_options()}
+    assert fields <= {f.name for f in dataclasses.fields(RunConfig)}
+    comparison = {"seeds", "workers", "resume", "out"}
+    assert subcommand_dests("train") == fields | comparison | {"aggregator"}
+    assert subcommand_dests("compare") == fields | comparison | {"aggregators"}
+    assert not fields & {"aggregator", "task_options", "comparison"}  # set by the runner, not by a flag
+
+
+def test_options_not_given_keep_the_run_config_defaults_and_given_ones_reach_their_fields():
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["train", "--out", "x"]), "delta_l") == RunConfig()
+    args = parse(["train", "--seed", "3", "--eval-k", "2", "--report-to", "wandb, tensorboard", "--no-shaped-reward",
+                  "--length-range", "3,5", "--log-texts", "--alpha", "auto", "--out", "x"])  # fmt: skip
+    c = config_from_args(args, "grpo")
+    assert (c.aggregator, c.seed, c.eval_k, c.report_to) == ("grpo", 3, 2, ["wandb", "tensorboard"])
+    assert (c.shaped_reward, c.length_range, c.log_texts, c.alpha) == (False, (3, 5), True, "auto")
 
 
 def test_generation_flag_reaches_the_run_config(tmp_path):
@@ -392,51 +355,6 @@ def test_gpu_only_generation_paths_are_refused_without_cuda(tmp_path, capsys, mo
     assert not out.exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert RunConfig(model="tiny", generation=path).resolved().generation == path
-
-
-GENERATION_FIELDS = ("cache_implementation", "compile_generation", "use_transformers_continuous_batching")
-
-
-@pytest.mark.parametrize(
-    ("path", "expected"),
-    [
-        ("generate", {}),
-        ("continuous-batching", {"use_transformers_continuous_batching": True}),
-        ("static-cache", {"cache_implementation": "static"}),
-        ("static-compile", {"cache_implementation": "static", "compile_generation": True}),
-        ("prefill-once", {"prefill_prompts_once": True}),
-    ],
-)
-def test_device_settings_map_each_generation_path_to_trl_fields(tmp_path, path, expected):
-    from lab.speed import SpeedConfig
-
-    for on_gpu in (True, False):  # an explicit path is the same on both devices
-        settings = device_settings(RunConfig(model="tiny", generation=path), on_gpu=on_gpu)
-        got = {k: settings[k] for k in (*GENERATION_FIELDS, "prefill_prompts_once") if settings.get(k)}
-        assert got == expected, (path, on_gpu)
-        assert settings["activation_checkpointing"] is on_gpu
-        # TRL accepts it (and, for the compiled path, lab's own check that the cache is static passes)
-        config = SpeedConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **expected)
-        assert config.use_transformers_continuous_batching is bool(
-            expected.get("use_transformers_continuous_batching")
-        )
-
-
-def test_auto_generation_keeps_each_devices_settings():
-    gpu = device_settings(RunConfig(model="tiny"), on_gpu=True)
-    assert not any(gpu.get(k) for k in (*GENERATION_FIELDS, "prefill_prompts_once"))  # TRL's generate
-    cpu = device_settings(RunConfig(model="tiny"), on_gpu=False)  # the demo's measured CPU settings
-    assert cpu["cache_implementation"] == "static" and cpu["prefill_prompts_once"] is True
-    plain = device_settings(RunConfig(model="tiny", generation="generate"), on_gpu=False)
-    assert "cache_implementation" not in plain and plain["prefill_prompts_once"] is False
-    assert plain["forward_prompts_once"] == cpu["forward_prompts_once"]  # the loss side is not generation
-
-
-def test_compiled_generation_needs_a_static_cache(tmp_path):
-    from lab.speed import SpeedConfig
-
-    with pytest.raises(ValueError, match="compile_generation needs cache_implementation='static'"):
-        SpeedConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], compile_generation=True)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 from lab.aggregation import delta_l_row_weights
+from lab.aggregators import AGGREGATORS
 from lab.models import load_model_and_tokenizer, lora_config
 from lab.trainer import DeltaLGRPOConfig, DeltaLGRPOTrainer
 from tests.helpers import free_port
@@ -173,9 +174,14 @@ def test_weights_follow_lengths_and_scope(tmp_path, generation_batch):
     torch.testing.assert_close(batch["delta_l_weights"], weights.float())
 
 
-def test_other_loss_types_are_trl_unchanged(tmp_path, generation_batch):
-    ours = make_trainer(tmp_path, loss_type="grpo")
-    theirs = make_trainer(tmp_path, loss_type="grpo", trainer_cls=GRPOTrainer)
+@pytest.mark.parametrize("name", [a.name for a in AGGREGATORS.values() if a.loss_type != "delta_l"])
+def test_other_loss_types_are_trl_unchanged(tmp_path, generation_batch, name):
+    """Every registry entry that is TRL's own (its loss types, GSPO) gives TRL's loss and gradient."""
+    entry = AGGREGATORS[name]
+    ours = make_trainer(tmp_path / "ours", loss_type=entry.loss_type, **entry.trl_settings)
+    theirs = make_trainer(
+        tmp_path / "trl", loss_type=entry.loss_type, trainer_cls=GRPOTrainer, **entry.trl_settings
+    )
     theirs.model.load_state_dict(ours.model.state_dict())
     loss_a, grad_a = loss_and_grad(ours, generation_batch)
     loss_b, grad_b = loss_and_grad(theirs, generation_batch)

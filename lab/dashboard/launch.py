@@ -25,7 +25,7 @@ from lab import rundir
 from lab.access import MIN_TOKEN_LENGTH, TOKEN_ENV, is_loopback, launch_token, token_matches  # noqa: F401 (re-exported)
 from lab.aggregators import AGGREGATORS
 from lab.options import build_parser
-from lab.runlog import list_runs, read_json
+from lab.runlog import STATUS, list_runs, read_json
 
 LAUNCH_LOG = "launch.log"
 # JSON-free override for tests/demos: LAB_LAUNCH_PREFIX="python -m lab.cli" (split with shlex, no shell)
@@ -300,7 +300,7 @@ def progress_table(out: str | Path) -> pd.DataFrame:
     rows = []
     for comparison, run_dirs in list_runs(out).items():
         for run_dir in run_dirs:
-            status = read_json(run_dir / "status.json") or {}
+            status = read_json(run_dir / STATUS) or {}
             step, total = status.get("step") or 0, status.get("max_steps") or 0
             rows.append(
                 {
