@@ -24,13 +24,18 @@ from transformers import TrainerCallback
 from lab.aggregation import METHODS, check_alpha, counterfactual_cv
 from lab.models import EMBEDDED_MODEL, load_model_and_tokenizer, lora_config, model_path, resolve_preset
 from lab.runlog import CONFIG, METRICS, STATUS, RunWriter, read_json, run_id, run_label
-from lab.tasks import DEMO, FAST, TASKS, get_task
+from lab.tasks import DEMO, FAST, PAPER_WORLD, TASKS, get_task
 
 CHECKPOINTS = "checkpoints"
 
 
-#: Named bundles of defaults: ``fast`` (the default main job) and the SmolLM2 CountDown demo.
-RUN_PRESETS: dict[str, dict[str, Any]] = {"fast": FAST, "smollm2-countdown": DEMO}
+#: Named bundles of defaults: ``fast`` (the default main job), ``paper-world`` (the positive control) and the
+#: SmolLM2 CountDown demo.
+RUN_PRESETS: dict[str, dict[str, Any]] = {"fast": FAST, "paper-world": PAPER_WORLD, "smollm2-countdown": DEMO}
+#: The presets of the lab's own small models (one batched probe backward, the whole step in one micro-batch,
+#: TRL's plain generation path) and the task each model knows.
+SMALL_MODEL_PRESETS = ("fast", "paper-world")
+OWN_MODEL_TASKS = {FAST["model"]: FAST["task"], PAPER_WORLD["model"]: PAPER_WORLD["task"]}
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}  # --optimizer → transformers' optim name
 #: ``--generation``: TRL's generation paths as GRPOConfig/DeltaLGRPOConfig fields (benchmarks/gpu_generation.py
 #: measures each). ``auto`` (the default) is :func:`device_settings`' per-device choice.
@@ -53,10 +58,13 @@ GENERAL = {"steps": 200, "prompts_per_step": 16, "num_generations": 8, "max_comp
 
 
 def infer_preset(model: str | None, task: str | None) -> str | None:
-    """The preset whose defaults apply when none is named: ``fast`` with neither model nor task, the
-    CountDown demo for the embedded model (and the ``tiny`` test model) on CountDown, else none."""
+    """The preset whose defaults apply when none is named: ``fast`` with neither model nor task,
+    ``paper-world`` for its model or task, the CountDown demo for the embedded model (and the ``tiny`` test model) on CountDown, else none."""
     if model in (None, FAST["model"]) and task in (None, FAST["task"]):
         return "fast"
+    paper_model, paper_task = model in (None, PAPER_WORLD["model"]), task in (None, PAPER_WORLD["task"])
+    if paper_model and paper_task and (model, task) != (None, None):
+        return "paper-world"
     if model in (None, EMBEDDED_MODEL, "tiny") and task in (None, DEMO["task"]):
         return "smollm2-countdown"
     return None
@@ -93,8 +101,8 @@ class RunConfig:
     shaped_reward: bool | None = None
     task_options: dict[str, Any] | None = None
     eval_every: int = 0  # 0: evaluate only after the last step (if eval_prompts > 0)
-    eval_prompts: int = 0
-    eval_k: int = 4
+    eval_prompts: int | None = None  # None: the preset's (the fast presets' held-out evaluation), else 0
+    eval_k: int | None = None  # None: the preset's, else 4
     probe_every: int | None = None
     compare_gradients_every: int | None = None
     save_every: int | None = None
@@ -134,6 +142,10 @@ class RunConfig:
             c.learning_rate = d.get("learning_rate", GENERAL["learning_rate"])[c.optimizer]
         if c.shaped_reward is None:
             c.shaped_reward = d.get("shaped", False)
+        if c.eval_prompts is None:
+            c.eval_prompts = d.get("eval_prompts", 0)
+        if c.eval_k is None:
+            c.eval_k = d.get("eval_k", 4)
         if c.task_options is None:
             c.task_options = dict(d.get("task_options", {})) if c.task == d.get("task") else {}
         if c.length_range is not None:
@@ -166,12 +178,13 @@ def run_defaults(config: RunConfig) -> dict[str, int]:
 
 
 def _check_task_model(task: str, model: str) -> None:
-    """The digitsum task and its model only make sense together (the model knows 16 words)."""
-    if (task == FAST["task"]) != (model == FAST["model"]):
-        raise ValueError(
-            f"task {task!r} with model {model!r}: the {FAST['task']!r} task needs the {FAST['model']!r} model "
-            "and that model knows only that task"
-        )
+    """The lab's own tasks and their models only make sense together (each model knows its task's words)."""
+    for own_model, own_task in OWN_MODEL_TASKS.items():
+        if (task == own_task) != (model == own_model):
+            raise ValueError(
+                f"task {task!r} with model {model!r}: the {own_task!r} task needs the {own_model!r} model "
+                "and that model knows only that task"
+            )
 
 
 def _length_range_options(task: str, length_range: tuple[int, int]) -> dict[str, int]:
@@ -184,7 +197,11 @@ def _length_range_options(task: str, length_range: tuple[int, int]) -> dict[str,
 
 
 def _default_max_length(c: RunConfig) -> int:
-    """digitsum: room for the longest scratchpad (2n + 4 tokens) plus 4 to ramble."""
+    """digitsum: room for the longest scratchpad (2n + 4 tokens) plus 4 to ramble; paperworld: its own."""
+    if c.task == PAPER_WORLD["task"]:
+        from lab.tasks.paperworld import MAX_COMPLETION_LENGTH
+
+        return MAX_COMPLETION_LENGTH
     if c.task == FAST["task"]:
         from lab.tasks.digitsum import DEFAULT_DIGITS
 
@@ -195,7 +212,7 @@ def _default_max_length(c: RunConfig) -> int:
 def _check_numbers(c: RunConfig) -> None:
     rows = c.prompts_per_step * c.num_generations if isinstance(c.num_generations, int) else 0
     if c.micro_batch_size is None:
-        c.micro_batch_size = (rows if c.preset == "fast" else math.gcd(rows, 8)) or 1
+        c.micro_batch_size = (rows if c.preset in SMALL_MODEL_PRESETS else math.gcd(rows, 8)) or 1
     for name in ("steps", "prompts_per_step", "num_generations", "max_completion_length", "eval_k",
                  "save_every", "micro_batch_size"):  # fmt: skip
         value = getattr(c, name)
@@ -354,7 +371,7 @@ def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
     results (benchmarks/results/fast_compare*.json) were measured that way. A run that compares gradients
     keeps the plain loss forward for the same reason.
     """
-    share = not on_gpu and c.preset != "fast"
+    share = not on_gpu and c.preset not in SMALL_MODEL_PRESETS
     if c.generation != "auto":
         generation = GENERATION_PATHS[c.generation]
     else:  # GPU and the fast preset: TRL's generate; CPU: a static cache, each prompt prefilled once
@@ -428,8 +445,27 @@ def _last_checkpoint(run_dir: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
+#: The held-out evaluation's metric in ``metrics.jsonl`` (on the steps that evaluate; TRL-style name): the
+#: mean score of every eval sample, with its sampling standard error beside it (``..._se``).
+HELDOUT_METRIC = "eval/heldout_reward"
+
+
+def heldout_reward(per_prompt: list[dict[str, Any]]) -> tuple[float, float]:
+    r"""Mean score over the eval samples and its sampling standard error for these fixed prompts:
+    :math:`\sqrt{\sum_i \hat p_i (1 - \hat p_i) / (k - 1)} / n` over the n prompts' k samples each
+    (the binomial error of each prompt's mean, unbiased; prompt-to-prompt spread is not sampling error)."""
+    n = len(per_prompt)
+    means = [sum(p["scores"]) / len(p["scores"]) for p in per_prompt]
+    spread = sum(m * (1 - m) / max(len(p["scores"]) - 1, 1) for m, p in zip(means, per_prompt, strict=True))
+    return sum(means) / n, math.sqrt(spread) / n
+
+
 def _evaluator(c: RunConfig, task, tokenizer, eval_data):
-    """on_step callable for RunLogCallback: Avg@k / Pass@k every eval_every steps and after the last."""
+    """on_step callable for RunLogCallback: Avg@k / Pass@k every eval_every steps and after the last.
+
+    The result also goes into the step's metrics (:data:`HELDOUT_METRIC`, through the trainer's metric
+    buffer, which TRL logs right after this call): the verdict reads it like the training reward.
+    """
     from lab.evaluation import evaluate_model
 
     def on_step(step: int, trainer) -> dict | None:
@@ -448,8 +484,14 @@ def _evaluator(c: RunConfig, task, tokenizer, eval_data):
             max_new_tokens=c.max_completion_length,
             temperature=c.temperature,
             seed=c.seed,
+            batch_size=512,
         )
         model.train(was_training)
+        reward, error = heldout_reward(result["per_prompt"])
+        metrics = getattr(trainer, "_metrics", None)
+        if metrics is not None:
+            metrics["train"][HELDOUT_METRIC].append(reward)
+            metrics["train"][f"{HELDOUT_METRIC}_se"].append(error)
         return {
             "step": step,
             "k": c.eval_k,
@@ -457,6 +499,8 @@ def _evaluator(c: RunConfig, task, tokenizer, eval_data):
             "pass_at_k": result["pass@k"],
             "n_prompts": result["num_prompts"],
             "mean_length": result["mean_length"],
+            "heldout_reward": reward,
+            "heldout_reward_se": error,
         }
 
     return on_step
@@ -480,7 +524,7 @@ def check_run_dir(run_dir: Path, aggregator: str, *, resume: bool) -> None:
 def _attach_probes(c: RunConfig, trainer, callback: RunLogCallback) -> None:
     from lab.probes import make_probe_hook
 
-    small = c.preset == "fast"  # the small model: one batched backward gives every row's gradient
+    small = c.preset in SMALL_MODEL_PRESETS  # the small model: one batched backward gives every row's gradient
     if c.probe_every:
         hook = make_probe_hook(
             c.probe_every, alpha=c.alpha, max_length=c.max_completion_length,
