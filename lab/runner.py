@@ -180,11 +180,10 @@ def run_defaults(config: RunConfig) -> dict[str, int]:
 def _check_task_model(task: str, model: str) -> None:
     """The lab's own tasks and their models only make sense together (each model knows its task's words)."""
     for own_model, own_task in OWN_MODEL_TASKS.items():
-        if (task == own_task) != (model == own_model):
-            raise ValueError(
-                f"task {task!r} with model {model!r}: the {own_task!r} task needs the {own_model!r} model "
-                "and that model knows only that task"
-            )
+        if task == own_task and model != own_model:
+            raise ValueError(f"task {task!r} with model {model!r}: the {task!r} task needs the {own_model!r} model")
+        if model == own_model and task != own_task:
+            raise ValueError(f"task {task!r} with model {model!r}: the {model!r} model knows only the {own_task!r} task")
 
 
 def _length_range_options(task: str, length_range: tuple[int, int]) -> dict[str, int]:
