@@ -45,7 +45,10 @@ from lab.runlog import RunReader, list_runs
 
 TARGET_S = 40 * 60
 WORLDS = {"paper-world": "paper-world", "digitsum": "fast"}  # world -> lab preset
-OPTIMIZERS = {"adamw": ["--optimizer", "adamw"], "sgd-equalized": ["--optimizer", "sgd", "--equalize-step-size"]}
+OPTIMIZERS = {
+    "adamw": ["--optimizer", "adamw"],
+    "sgd-equalized": ["--optimizer", "sgd", "--equalize-step-size"],
+}
 CELL_DEFAULTS = ["--probe-every", "10", "--compare-gradients-every", "0", "--save-every", "100000"]
 HELDOUT = "eval/heldout_reward"
 
@@ -57,9 +60,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--worlds", default=",".join(WORLDS), help=f"comma list of {', '.join(WORLDS)}")
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {', '.join(OPTIMIZERS)}")
-    p.add_argument("--measure-rows", type=int, default=1024, help="completions of the large-batch CV measurement")
-    p.add_argument("--resummarize", action="store_true", help="no training: summarize the runs in --out again")
+    p.add_argument(
+        "--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {', '.join(OPTIMIZERS)}"
+    )
+    p.add_argument(
+        "--measure-rows", type=int, default=1024, help="completions of the large-batch CV measurement"
+    )
+    p.add_argument(
+        "--resummarize", action="store_true", help="no training: summarize the runs in --out again"
+    )
     args, extra = p.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -75,7 +84,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, extra
 
 
-def cell_command(world: str, optimizer: str, out: Path, args: argparse.Namespace, extra: list[str]) -> list[str]:
+def cell_command(
+    world: str, optimizer: str, out: Path, args: argparse.Namespace, extra: list[str]
+) -> list[str]:
     command = [sys.executable, "-m", "lab.cli", "compare", "--preset", WORLDS[world], "--seeds", str(args.seeds),
                "--steps", str(args.steps), *CELL_DEFAULTS, *OPTIMIZERS[optimizer], *extra, "--out", str(out)]  # fmt: skip
     return [*command, "--resume"] if out.exists() else command
@@ -235,7 +246,9 @@ def print_table(summary: dict[str, Any]) -> None:
             print(f"{name:<26} {label:<10} {parts[0]:>15} {parts[1]:>15} {parts[2]:>15}")
         wall = cell.get("wall_seconds")
         if wall is not None:
-            print(f"{name:<26} wall {wall / 60:.1f} min, load {cell['load_before'][0]:.1f} → {cell['load_after'][0]:.1f}")
+            print(
+                f"{name:<26} wall {wall / 60:.1f} min, load {cell['load_before'][0]:.1f} → {cell['load_after'][0]:.1f}"
+            )
     for world, m in summary["worlds"].items():
         fit = m["variance_fit"]
         print(f"{world}: k = {fit['exponent']:.2f} {fit['exponent_ci']}, CV ratio measured "

@@ -73,7 +73,11 @@ PRESETS: dict[str, ModelPreset] = {
         DIGITSUM_MODEL, "digitsum", chat=False, lora=None, note="the fast task's own model, full fine-tuning"
     ),
     PAPERWORLD_MODEL: ModelPreset(
-        PAPERWORLD_MODEL, "paperworld", chat=False, lora=None, note="the paper world's own model, full fine-tuning"
+        PAPERWORLD_MODEL,
+        "paperworld",
+        chat=False,
+        lora=None,
+        note="the paper world's own model, full fine-tuning",
     ),
 }
 for _size, _r in (("0.5b", 16), ("1.5b", 32), ("3b", 32), ("7b", 64)):
@@ -331,7 +335,12 @@ def build_digitsum_model(build: dict = DIGITSUM_BUILD):
     model, info = _train_from_scratch(
         tokenizer,
         build,
-        [(build["warmup_steps"], lambda rng: _warmup_batch(rng, tokenizer, build["warmup_batch"], digits, think))],
+        [
+            (
+                build["warmup_steps"],
+                lambda rng: _warmup_batch(rng, tokenizer, build["warmup_batch"], digits, think),
+            )
+        ],
         lambda model: policy_report(model, tokenizer, seed=build["seed"]),
     )
     return model, tokenizer, info

@@ -181,9 +181,13 @@ def _check_task_model(task: str, model: str) -> None:
     """The lab's own tasks and their models only make sense together (each model knows its task's words)."""
     for own_model, own_task in OWN_MODEL_TASKS.items():
         if task == own_task and model != own_model:
-            raise ValueError(f"task {task!r} with model {model!r}: the {task!r} task needs the {own_model!r} model")
+            raise ValueError(
+                f"task {task!r} with model {model!r}: the {task!r} task needs the {own_model!r} model"
+            )
         if model == own_model and task != own_task:
-            raise ValueError(f"task {task!r} with model {model!r}: the {model!r} model knows only the {own_task!r} task")
+            raise ValueError(
+                f"task {task!r} with model {model!r}: the {model!r} model knows only the {own_task!r} task"
+            )
 
 
 def _length_range_options(task: str, length_range: tuple[int, int]) -> dict[str, int]:
@@ -523,7 +527,8 @@ def check_run_dir(run_dir: Path, aggregator: str, *, resume: bool) -> None:
 def _attach_probes(c: RunConfig, trainer, callback: RunLogCallback) -> None:
     from lab.probes import make_probe_hook
 
-    small = c.preset in SMALL_MODEL_PRESETS  # the small model: one batched backward gives every row's gradient
+    # the small models: one batched backward gives every row's gradient
+    small = c.preset in SMALL_MODEL_PRESETS
     if c.probe_every:
         hook = make_probe_hook(
             c.probe_every, alpha=c.alpha, max_length=c.max_completion_length,

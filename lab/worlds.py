@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lab.aggregation import METHODS
+from lab.aggregation import METHODS, sequence_weights
 from lab.probes import bootstrap_variance_fit, variance_length_fit
 from lab.runlog import RunReader
 
@@ -114,7 +114,9 @@ def advantage_by_length(
     return {"n": len(lengths), "corr": float(dl @ da) / denom if denom > 0 else None, "bins": table}
 
 
-def _fit_with_interval(L: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, n_bootstrap: int) -> dict[str, Any]:
+def _fit_with_interval(
+    L: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, n_bootstrap: int
+) -> dict[str, Any]:
     fit = variance_length_fit(L, v)
     intervals = bootstrap_variance_fit(L, v, groups, n_bootstrap=n_bootstrap)
     return {
@@ -178,6 +180,21 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(ok) / len(ok) if len(ok) == len(values) else None
 
 
+def cv_under_power_law(
+    lengths: torch.Tensor, exponent: float, *, max_length: float, methods: Iterable[str] = METHODS
+) -> dict[str, float]:
+    r"""Each aggregator's CV on these lengths if :math:`\mathrm{Var}(g_i) = c L_i^k` instead of :math:`V L_i`
+    (:math:`k = 1` gives :func:`lab.aggregation.counterfactual_cv`): :math:`\sqrt{\sum_i x_i^2 L_i^k} / \sum_i x_i`
+    with the weights of :func:`lab.aggregation.sequence_weights` (c cancels in every ratio)."""
+    L = torch.as_tensor(lengths, dtype=torch.float64).reshape(-1)
+    L = L[L > 0]
+    out = {}
+    for method in methods:
+        x = sequence_weights(L, method, max_length=max_length)
+        out[method] = math.sqrt(float((x.square() * L**exponent).sum())) / float(x.sum())
+    return out
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """TRL's GRPO advantages: reward minus its group's mean, over the group's standard deviation + 1e-4."""
     r = rewards.double().reshape(-1, group_size)
@@ -210,10 +227,19 @@ def measure_batch(
     model, tokenizer = load_model_and_tokenizer(model_name, dtype=torch.float32)
     model.eval()
     batch = sample_generation_batch(
-        model, tokenizer, data["prompt"], num_generations=num_generations, max_new_tokens=max_length, seed=seed
+        model,
+        tokenizer,
+        data["prompt"],
+        num_generations=num_generations,
+        max_new_tokens=max_length,
+        seed=seed,
     )
-    texts = tokenizer.batch_decode(batch["completion_ids"] * batch["completion_mask"], skip_special_tokens=True)
-    columns = [{k: v for k, v in data[i // num_generations].items() if k != "prompt"} for i in range(len(texts))]
+    texts = tokenizer.batch_decode(
+        batch["completion_ids"] * batch["completion_mask"], skip_special_tokens=True
+    )
+    columns = [
+        {k: v for k, v in data[i // num_generations].items() if k != "prompt"} for i in range(len(texts))
+    ]
     rewards = torch.tensor([task.score(t, **c) for t, c in zip(texts, columns, strict=True)])
     advantages = group_advantages(rewards, num_generations)
     parts = []
@@ -246,5 +272,11 @@ def measure_batch(
         "cv_theory": stats["cv_theory"],
         "ratio_measured": family_ratios(stats["cv"]),
         "ratio_theory": family_ratios(stats["cv_theory"]),
+        # the same, with the variance's measured exponent in place of the assumed k = 1
+        "ratio_theory_fitted_exponent": family_ratios(
+            cv_under_power_law(
+                lengths, stats["exponent"], max_length=max(float(max_length), float(lengths.max()))
+            )
+        ),
         "methods": list(METHODS),
     }

@@ -54,7 +54,9 @@ MAX_COMPLETION_LENGTH = MAX_FILLERS + 2 + 4
 
 def check_problem(problem: Sequence[int]) -> tuple[int, int]:
     """``(a, b)`` as two digits, or ValueError naming the bad value."""
-    if len(problem) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 9 for d in problem):
+    if len(problem) != 2 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 9 for d in problem
+    ):
         raise ValueError(f"a paper-world problem is two digits 0..9, got {problem!r}")
     return int(problem[0]), int(problem[1])
 
@@ -175,7 +177,9 @@ class PaperWorldTask(Task):
         return score(completion, columns["problem"])
 
 
-def policy_report(model, tokenizer, *, seed: int = 0, samples: int = 64, group_size: int = 8) -> dict[str, Any]:
+def policy_report(
+    model, tokenizer, *, seed: int = 0, samples: int = 64, group_size: int = 8
+) -> dict[str, Any]:
     """Sampled accuracy (temperature 1) and the length distribution of a paper-world model.
 
     Samples ``samples`` completions of each of the 100 problems. Returns ``accuracy``,
@@ -210,7 +214,9 @@ def policy_report(model, tokenizer, *, seed: int = 0, samples: int = 64, group_s
         "accuracy_short": sum(short) / max(len(short), 1),
         "accuracy_long": sum(long) / max(len(long), 1),
         "well_formed": sum(k is not None for _, _, k in flat) / len(flat),
-        "length_quantiles": [all_lengths[int(q * (len(all_lengths) - 1))] for q in (0.05, 0.25, 0.5, 0.75, 0.95)],
+        "length_quantiles": [
+            all_lengths[int(q * (len(all_lengths) - 1))] for q in (0.05, 0.25, 0.5, 0.75, 0.95)
+        ],
         "mean_length": sum(all_lengths) / len(all_lengths),
         "length_histogram": histogram,
         "group_length_ratio_median": statistics.median(ratios),
