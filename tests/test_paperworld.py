@@ -111,7 +111,7 @@ def test_the_preset_pairs_the_task_with_its_model_and_evaluates_by_default():
     )
     assert c.eval_prompts > 0 and RunConfig(task="paperworld").resolved().preset == "paper-world"
     assert RunConfig().resolved().eval_prompts > 0  # the fast preset too
-    with pytest.raises(ValueError, match="knows only the 'digitsum' task|needs the 'paperworld-tiny' model"):
+    with pytest.raises(ValueError, match=r"knows only the 'digitsum' task|needs the 'paperworld-tiny' model"):
         RunConfig(task="paperworld", model="digitsum-tiny").resolved()
     with pytest.raises(ValueError, match="knows only the 'paperworld' task"):
         RunConfig(task="countdown", model="paperworld-tiny").resolved()
