@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 #: ``--generation``: TRL's generation paths as GRPOConfig/DeltaLGRPOConfig fields (benchmarks/gpu_generation.py
 #: measures each). ``auto`` (the default) is :func:`device_settings`' per-device choice.
+#: The presets of the lab's own small models (one batched probe backward, the whole step in one micro-batch,
+#: TRL's plain generation path).
+SMALL_MODEL_PRESETS = ("fast", "paper-world")
 GENERATION_PATHS: dict[str, dict[str, Any]] = {
     "generate": {},  # transformers' generate with a dynamic KV cache (TRL's default)
     "continuous-batching": {"use_transformers_continuous_batching": True},  # transformers' paged engine
@@ -76,7 +79,7 @@ def device_settings(c: RunConfig, on_gpu: bool) -> dict[str, Any]:
     results (benchmarks/results/fast_compare*.json) were measured that way. A run that compares gradients
     keeps the plain loss forward for the same reason.
     """
-    share = not on_gpu and c.preset != "fast"
+    share = not on_gpu and c.preset not in SMALL_MODEL_PRESETS
     if c.generation != "auto":
         generation = GENERATION_PATHS[c.generation]
     else:  # GPU and the fast preset: TRL's generate; CPU: a static cache, each prompt prefilled once

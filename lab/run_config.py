@@ -17,16 +17,18 @@ from lab import rundir
 from lab.aggregators import AGGREGATORS
 from lab.aggregators import get as get_aggregator
 from lab.auto_alpha import check_alpha_setting, check_auto_alpha, is_auto
-from lab.devices import GENERATION_CHOICES, check_generation, check_vllm
+from lab.devices import GENERATION_CHOICES, SMALL_MODEL_PRESETS, check_generation, check_vllm
 from lab.models import EMBEDDED_MODEL, PRESETS, resolve_preset
 from lab.runlog import run_id
-from lab.tasks import DEMO, FAST, TASKS
+from lab.tasks import DEMO, FAST, PAPER_WORLD, TASKS
 
 AUTO_ALPHA_PROBE_EVERY = 2  # --alpha auto without --probe-every: a probe every 2 steps feeds the α estimate
 
 
 #: Named bundles of defaults: ``fast`` (the default main job) and the SmolLM2 CountDown demo.
-RUN_PRESETS: dict[str, dict[str, Any]] = {"fast": FAST, "smollm2-countdown": DEMO}
+RUN_PRESETS: dict[str, dict[str, Any]] = {"fast": FAST, "paper-world": PAPER_WORLD, "smollm2-countdown": DEMO}
+#: The task each of the lab's own small models knows.
+OWN_MODEL_TASKS = {FAST["model"]: FAST["task"], PAPER_WORLD["model"]: PAPER_WORLD["task"]}
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}  # --optimizer → transformers' optim name
 #: Defaults outside the presets (a Qwen2.5 model on a GPU, the paper-like setting).
 GENERAL = {"steps": 200, "prompts_per_step": 16, "num_generations": 8, "max_completion_length": 1024,
@@ -34,10 +36,14 @@ GENERAL = {"steps": 200, "prompts_per_step": 16, "num_generations": 8, "max_comp
 
 
 def infer_preset(model: str | None, task: str | None) -> str | None:
-    """The preset whose defaults apply when none is named: ``fast`` with neither model nor task, the
-    CountDown demo for the embedded model (and the ``tiny`` test model) on CountDown, else none."""
+    """The preset whose defaults apply when none is named: ``fast`` with neither model nor task,
+    ``paper-world`` for its model or task, the CountDown demo for the embedded model (and the ``tiny`` test
+    model) on CountDown, else none."""
     if model in (None, FAST["model"]) and task in (None, FAST["task"]):
         return "fast"
+    paper_model, paper_task = model in (None, PAPER_WORLD["model"]), task in (None, PAPER_WORLD["task"])
+    if paper_model and paper_task and (model, task) != (None, None):
+        return "paper-world"
     if model in (None, EMBEDDED_MODEL, "tiny") and task in (None, DEMO["task"]):
         return "smollm2-countdown"
     return None
@@ -127,8 +133,12 @@ class RunConfig:
     shaped_reward: bool | None = option(None, "a partial-credit reward (default: the preset's)")
     task_options: dict[str, Any] | None = None
     eval_every: int = option(0, "steps between evals (0: only after the last)")
-    eval_prompts: int = option(0, "eval prompts (0: no eval)")
-    eval_k: int = option(4, "samples per eval prompt (Avg@k, Pass@k)", parse="positive_int")
+    eval_prompts: int | None = option(
+        None, "eval prompts (0: no eval; default: the preset's held-out set, else 0)"
+    )
+    eval_k: int | None = option(
+        None, "samples per eval prompt (Avg@k, Pass@k; default: the preset's, else 4)", parse="positive_int"
+    )
     probe_every: int | None = option(
         None, "per-sample gradient probe every K steps: measured CV, Var(g_i) vs L_i (0: off; fast: 5)"
     )
@@ -187,6 +197,10 @@ class RunConfig:
             c.learning_rate = d.get("learning_rate", GENERAL["learning_rate"])[c.optimizer]
         if c.shaped_reward is None:
             c.shaped_reward = d.get("shaped", False)
+        if c.eval_prompts is None:
+            c.eval_prompts = d.get("eval_prompts", 0)
+        if c.eval_k is None:
+            c.eval_k = d.get("eval_k", 4)
         if c.task_options is None:
             c.task_options = dict(d.get("task_options", {})) if c.task == d.get("task") else {}
         if c.length_range is not None:
@@ -226,12 +240,16 @@ def run_defaults(config: RunConfig) -> dict[str, int]:
 
 
 def _check_task_model(task: str, model: str) -> None:
-    """The digitsum task and its model only make sense together (the model knows 16 words)."""
-    if (task == FAST["task"]) != (model == FAST["model"]):
-        raise ValueError(
-            f"task {task!r} with model {model!r}: the {FAST['task']!r} task needs the {FAST['model']!r} model "
-            "and that model knows only that task"
-        )
+    """The lab's own tasks and their models only make sense together (each model knows its task's words)."""
+    for own_model, own_task in OWN_MODEL_TASKS.items():
+        if task == own_task and model != own_model:
+            raise ValueError(
+                f"task {task!r} with model {model!r}: the {task!r} task needs the {own_model!r} model"
+            )
+        if model == own_model and task != own_task:
+            raise ValueError(
+                f"task {task!r} with model {model!r}: the {model!r} model knows only the {own_task!r} task"
+            )
 
 
 def _length_range_options(task: str, length_range: tuple[int, int]) -> dict[str, int]:
@@ -244,7 +262,11 @@ def _length_range_options(task: str, length_range: tuple[int, int]) -> dict[str,
 
 
 def _default_max_length(c: RunConfig) -> int:
-    """digitsum: room for the longest scratchpad (2n + 4 tokens) plus 4 to ramble."""
+    """digitsum: room for the longest scratchpad (2n + 4 tokens) plus 4 to ramble; paperworld: its own."""
+    if c.task == PAPER_WORLD["task"]:
+        from lab.tasks.paperworld import MAX_COMPLETION_LENGTH
+
+        return MAX_COMPLETION_LENGTH
     if c.task == FAST["task"]:
         from lab.tasks.digitsum import DEFAULT_DIGITS
 
@@ -255,7 +277,7 @@ def _default_max_length(c: RunConfig) -> int:
 def _check_numbers(c: RunConfig) -> None:
     rows = c.prompts_per_step * c.num_generations if isinstance(c.num_generations, int) else 0
     if c.micro_batch_size is None:
-        c.micro_batch_size = (rows if c.preset == "fast" else math.gcd(rows, 8)) or 1
+        c.micro_batch_size = (rows if c.preset in SMALL_MODEL_PRESETS else math.gcd(rows, 8)) or 1
     for name in ("steps", "prompts_per_step", "num_generations", "max_completion_length", "eval_k",
                  "save_every", "micro_batch_size"):  # fmt: skip
         value = getattr(c, name)

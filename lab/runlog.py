@@ -22,7 +22,10 @@ A comparison is a folder of run dirs, ``runs/<comparison>/<run_id>/`` with ``run
     ``lengths``, ``rewards``, ``advantages``, ``weights`` (the ΔL row weight w_i the loss used; 1.0 for
     other aggregators), ``truncated`` (bool), ``group`` (prompt index in the batch); optionally ``texts``.
 ``eval.jsonl``
-    One object per evaluation: ``step``, ``k``, ``avg_at_k``, ``pass_at_k``, ``n_prompts``.
+    One object per evaluation: ``step``, ``k``, ``avg_at_k``, ``pass_at_k``, ``n_prompts``, ``mean_length``,
+    ``heldout_reward`` and its sampling error ``heldout_reward_se`` (also in that step's ``metrics.jsonl``
+    line as ``eval/heldout_reward`` and ``eval/heldout_reward_se``: the fast presets evaluate after the last
+    step by default).
 ``probes.jsonl``
     One object per gradient probe: ``step``, ``lengths``, ``grad_variances`` (per-sample unbiased
     estimates of tr Var(g_i), ``lab.probes.grad_variances``; null where not estimable), ``slope``,

@@ -12,6 +12,7 @@ importable from here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -29,6 +30,7 @@ from lab.devices import (  # noqa: F401 (re-exported: lab.runner's names before 
     GENERATION_CHOICES,
     GENERATION_PATHS,
     GPU_ONLY_GENERATION,
+    SMALL_MODEL_PRESETS,
     check_generation,
     check_vllm,
     device_settings,
@@ -96,8 +98,27 @@ def _trl_args(c: RunConfig, run_dir: Path):
     )
 
 
+#: The held-out evaluation's metric in ``metrics.jsonl`` (on the steps that evaluate; TRL-style name): the
+#: mean score of every eval sample, with its sampling standard error beside it (``..._se``).
+HELDOUT_METRIC = "eval/heldout_reward"
+
+
+def heldout_reward(per_prompt: list[dict[str, Any]]) -> tuple[float, float]:
+    r"""Mean score over the eval samples and its sampling standard error for these fixed prompts:
+    :math:`\sqrt{\sum_i \hat p_i (1 - \hat p_i) / (k - 1)} / n` over the n prompts' k samples each
+    (the binomial error of each prompt's mean, unbiased; prompt-to-prompt spread is not sampling error)."""
+    n = len(per_prompt)
+    means = [sum(p["scores"]) / len(p["scores"]) for p in per_prompt]
+    spread = sum(m * (1 - m) / max(len(p["scores"]) - 1, 1) for m, p in zip(means, per_prompt, strict=True))
+    return sum(means) / n, math.sqrt(spread) / n
+
+
 def _evaluator(c: RunConfig, task, tokenizer, eval_data):
-    """on_step callable for RunLogCallback: Avg@k / Pass@k every eval_every steps and after the last."""
+    """on_step callable for RunLogCallback: Avg@k / Pass@k every eval_every steps and after the last.
+
+    The result also goes into the step's metrics (:data:`HELDOUT_METRIC`, through the trainer's metric
+    buffer, which TRL logs right after this call): the verdict reads it like the training reward.
+    """
     from lab.evaluation import evaluate_model
 
     def on_step(step: int, trainer) -> dict | None:
@@ -116,8 +137,14 @@ def _evaluator(c: RunConfig, task, tokenizer, eval_data):
             max_new_tokens=c.max_completion_length,
             temperature=c.temperature,
             seed=c.seed,
+            batch_size=512,
         )
         model.train(was_training)
+        reward, error = heldout_reward(result["per_prompt"])
+        metrics = getattr(trainer, "_metrics", None)
+        if metrics is not None:
+            metrics["train"][HELDOUT_METRIC].append(reward)
+            metrics["train"][f"{HELDOUT_METRIC}_se"].append(error)
         return {
             "step": step,
             "k": c.eval_k,
@@ -125,6 +152,8 @@ def _evaluator(c: RunConfig, task, tokenizer, eval_data):
             "pass_at_k": result["pass@k"],
             "n_prompts": result["num_prompts"],
             "mean_length": result["mean_length"],
+            "heldout_reward": reward,
+            "heldout_reward_se": error,
         }
 
     return on_step
@@ -148,7 +177,9 @@ def check_run_dir(run_dir: Path, aggregator: str, *, resume: bool) -> None:
 def _attach_probes(c: RunConfig, trainer, callback: RunLogCallback) -> None:
     from lab.probes import make_probe_hook
 
-    small = c.preset == "fast"  # the small model: one batched backward gives every row's gradient
+    small = (
+        c.preset in SMALL_MODEL_PRESETS
+    )  # the small models: one batched backward gives every row's gradient
     if c.probe_every:
         hook = make_probe_hook(
             c.probe_every, alpha=None if is_auto(c.alpha) else c.alpha, max_length=c.max_completion_length,

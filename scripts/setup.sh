@@ -36,9 +36,11 @@ if [[ $dev == 1 ]]; then
   # A kernel named after this venv, so notebooks run with the lab installed.
   "$PY" -m ipykernel install --sys-prefix --name python3 >/dev/null 2>&1 || true
 fi
-# Convert the embedded model once (GGUF → safetensors cache, ~20 s) and build the fast task's small model
-# (a deterministic supervised warm-up from scratch, ~1-3 min on one CPU thread), so the first run pays for neither.
+# Convert the embedded model once (GGUF → safetensors cache, ~20 s) and build the fast tasks' small models
+# (deterministic supervised warm-ups from scratch, ~1-3 min each on one CPU thread), so the first run pays for none.
 "$PY" -c "from lab.models import embedded_model_dir; embedded_model_dir()" 2>&1 | grep -v -e '^\s*$' -e 'it/s' || true
 "$PY" -c "from lab.models import digitsum_model_dir; print('fast-task model:', digitsum_model_dir())" 2>&1 \
+  | grep -v -e '^\s*$' -e 'it/s' -e 'Warning' || true
+"$PY" -c "from lab.models import paperworld_model_dir; print('paper-world model:', paperworld_model_dir())" 2>&1 \
   | grep -v -e '^\s*$' -e 'it/s' -e 'Warning' || true
 echo "ΔL Lab is set up in .venv ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"

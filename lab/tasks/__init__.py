@@ -15,8 +15,14 @@ from lab.tasks.base import HubUnavailableError, RewardFunc, Task, completion_tex
 from lab.tasks.countdown import CountdownTask
 from lab.tasks.digitsum import DigitSumTask
 from lab.tasks.math import MathTask
+from lab.tasks.paperworld import PaperWorldTask
 
-TASKS: dict[str, type[Task]] = {"countdown": CountdownTask, "math": MathTask, "digitsum": DigitSumTask}
+TASKS: dict[str, type[Task]] = {
+    "countdown": CountdownTask,
+    "math": MathTask,
+    "digitsum": DigitSumTask,
+    "paperworld": PaperWorldTask,
+}
 
 # The CPU demo on the embedded SmolLM2-135M-Instruct (chat prompts). Chosen by measurement
 # (benchmarks/learning_signal.py, numbers in "measured"): 2-number problems with + and -, two worked
@@ -75,11 +81,28 @@ FAST: dict[str, Any] = {
     "threads": 1,
     "seeds": 5,
     "workers": 2,
+    # The held-out evaluation after the last step (lab.runner.HELDOUT_METRIC): 128 eval problems x 8
+    # samples, the same problems and sampling seed for every aggregator of a seed.
+    "eval_prompts": 128,
+    "eval_k": 8,
+}
+
+# The positive control (`lab compare --preset paper-world`): the paper-world task (lab.tasks.paperworld),
+# where Var(g_i) = a + V L_i and the length says nothing about the reward, on its own small model. The
+# same machinery and sizes as FAST; completions of up to 36 tokens.
+PAPER_WORLD: dict[str, Any] = {
+    **FAST,
+    "task": "paperworld",
+    "model": "paperworld-tiny",
+    "task_options": {},
+    "max_completion_length": None,  # lab.tasks.paperworld.MAX_COMPLETION_LENGTH
+    # 12 held-out problems, each 8 times (a fixed list, the same for every seed) x 8 samples
+    "eval_prompts": 96,
 }
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name`` (``"countdown"`` or ``"math"``)."""
+    """The task called ``name`` (one of :data:`TASKS`)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
     return TASKS[name]()
@@ -88,11 +111,13 @@ def get_task(name: str) -> Task:
 __all__ = [
     "DEMO",
     "FAST",
+    "PAPER_WORLD",
     "TASKS",
     "CountdownTask",
     "DigitSumTask",
     "HubUnavailableError",
     "MathTask",
+    "PaperWorldTask",
     "RewardFunc",
     "Task",
     "completion_text",
