@@ -133,6 +133,21 @@ FIGURES: dict[str, Callable[[], str]] = {
     "SmolLM2 exponent": lambda: "exponent is {:.2f} [{:.2f}, {:.2f}]".format(
         stored(VARIANCE)["exponent"], *stored(VARIANCE)["exponent_ci"]
     ),
+    "paper world: length spread": lambda: (
+        f"ratio at step 1 has median {_pw_cell()['length_ratio_step1']['median']:.1f}"
+    ),
+    "paper world: measured vs theoretical CV ratio": lambda: (
+        f"the measured CV of Dr. GRPO is {_pw_world()['ratio_measured']['dr_grpo/delta_l']:.2f}× ΔL's, where "
+        f"Var(g_i) ∝ L_i predicts {_pw_world()['ratio_theory']['dr_grpo/delta_l']:.2f}×"
+    ),
+    "paper world: final rewards and the pair's interval": lambda: (
+        f"final reward ΔL {_pw_cell()['labels']['delta_l']['final_reward']['mean']:.3f}, Dr. GRPO "
+        f"{_pw_cell()['labels']['dr_grpo']['final_reward']['mean']:.3f}; Dr. GRPO − ΔL "
+        f"{_pw_pair()['mean_diff']:+.3f}".replace("-", "−")
+        + ", 95% t interval ["
+        + ", ".join(f"{x:+.3f}".replace("-", "−") for x in _pw_pair()["ci_t"])
+        + "]"
+    ),
 }
 
 
@@ -221,3 +236,23 @@ def test_anchor_slugs_follow_github() -> None:
         "the-main-job-lab-compare---out-runsfast"
     }
     assert anchors("## Variance against length\n# Other") == {"variance-against-length", "other"}
+
+
+TWO_WORLDS = "two_worlds.2core.json"
+
+
+def _pw_cell() -> dict:
+    return stored(TWO_WORLDS)["cells"]["paper-world/adamw"]
+
+
+def _pw_world() -> dict:
+    return stored(TWO_WORLDS)["worlds"]["paper-world"]
+
+
+def _pw_pair() -> dict:
+    return next(p for p in _pw_cell()["verdict"]["pairs"] if p["metric"] == "final_reward")
+
+
+def test_paper_world_pair_is_not_marked_and_its_interval_covers_zero() -> None:
+    pair = _pw_pair()
+    assert not pair["distinguishable"] and pair["ci_t"][0] < 0 < pair["ci_t"][1]
