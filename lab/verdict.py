@@ -363,8 +363,12 @@ def end_values_of_run(reader: Any) -> dict[str, float]:
         found[EVAL_AVG_AT_K] = float(max(evals, key=lambda e: e["step"])["avg_at_k"])
     for row in reader.metrics:
         for key, value in row.items():
-            if isinstance(key, str) and key.startswith(EVAL_COLUMN_PREFIX) and _finite(value):
-                found[key] = float(value)
+            # a standard error (``..._se``) describes a metric; it is not an outcome to compare
+            if isinstance(key, str) and key.startswith(EVAL_COLUMN_PREFIX) and not key.endswith("_se"):
+                if _finite(value):
+                    found[key] = float(value)
+    if EVAL_AVG_AT_K in found and any(k.startswith(EVAL_COLUMN_PREFIX) for k in found):
+        del found[EVAL_AVG_AT_K]  # the held-out reward is the same mean over the same samples: test it once
     return found
 
 

@@ -166,7 +166,9 @@ def test_default_compare_trains_seeds_in_parallel_and_writes_a_verdict(tmp_path)
     runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert runs == sorted(f"{a}-s{s}" for a in ("grpo", "dapo", "dr_grpo", "delta_l") for s in (0, 1))
     verdict = read_json(tmp_path / "verdict.json")
-    assert verdict["seeds"] == 2 and verdict["workers"] == 2 and len(verdict["pairs"]) == 12
+    assert verdict["seeds"] == 2 and verdict["workers"] == 2
+    # 6 pairs × (final reward, reward area, the held-out reward the fast preset evaluates at the end)
+    assert verdict["metrics"] == ["final_reward", "auc", "eval/heldout_reward"] and len(verdict["pairs"]) == 18
     pair = verdict["pairs"][0]
     assert set(pair) >= {"a", "b", "metric", "mean_diff", "ci", "distinguishable"}
     assert pair["metric"] in ("final_reward", "auc") and len(pair["ci"]) == 2
