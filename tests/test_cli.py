@@ -168,7 +168,9 @@ def test_default_compare_trains_seeds_in_parallel_and_writes_a_verdict(tmp_path)
     verdict = read_json(tmp_path / "verdict.json")
     assert verdict["seeds"] == 2 and verdict["workers"] == 2
     # 6 pairs × (final reward, reward area, the held-out reward the fast preset evaluates at the end)
-    assert verdict["metrics"] == ["final_reward", "auc", "eval/heldout_reward"] and len(verdict["pairs"]) == 18
+    assert (
+        verdict["metrics"] == ["final_reward", "auc", "eval/heldout_reward"] and len(verdict["pairs"]) == 18
+    )
     pair = verdict["pairs"][0]
     assert set(pair) >= {"a", "b", "metric", "mean_diff", "ci", "distinguishable"}
     assert pair["metric"] in ("final_reward", "auc") and len(pair["ci"]) == 2
