@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,10 +53,25 @@ def lab(*args: str, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+class _StderrLog:
+    """A background run's stderr in a file: a pipe nobody reads fills up (progress bars, warnings) and then blocks
+    the run mid-write, so it neither trains nor answers Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile("w+")
+
+    def read(self) -> str:
+        self.file.seek(0)
+        return self.file.read()
+
+
 def start_lab(*args: str) -> subprocess.Popen:
-    """`lab ...` in the background (stderr kept for failure messages)."""
-    return subprocess.Popen([sys.executable, "-m", "lab.cli", *args], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    """`lab ...` in the background (stderr kept in a file for failure messages: ``proc.stderr.read()``)."""
+    log = _StderrLog()
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", *args], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=log.file, text=True)  # fmt: skip
+    proc.stderr = log  # type: ignore[assignment]
+    return proc
 
 
 def steps_of(run_dir: Path) -> list[int]:
