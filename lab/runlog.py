@@ -73,6 +73,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: The held-out evaluation's metric in ``metrics.jsonl`` (written by lab.runner on the steps that evaluate, with
+#: its sampling standard error in ``<name>_se``; read by lab.verdict as an outcome).
+HELDOUT_METRIC = "eval/heldout_reward"
+
 CONFIG = "config.json"
 STATUS = "status.json"
 METRICS = "metrics.jsonl"

@@ -46,7 +46,7 @@ from lab.run_config import (  # noqa: F401 (re-exported)
     infer_preset,
     run_defaults,
 )
-from lab.runlog import CONFIG, METRICS, STATUS, RunWriter, read_json, run_label
+from lab.runlog import CONFIG, HELDOUT_METRIC, METRICS, STATUS, RunWriter, read_json, run_label
 from lab.runlog_callback import RunLogCallback
 from lab.tasks import get_task
 
@@ -96,11 +96,6 @@ def _trl_args(c: RunConfig, run_dir: Path):
         disable_tqdm=False,
         **device_settings(c, on_gpu),
     )
-
-
-#: The held-out evaluation's metric in ``metrics.jsonl`` (on the steps that evaluate; TRL-style name): the
-#: mean score of every eval sample, with its sampling standard error beside it (``..._se``).
-HELDOUT_METRIC = "eval/heldout_reward"
 
 
 def heldout_reward(per_prompt: list[dict[str, Any]]) -> tuple[float, float]:

@@ -46,6 +46,7 @@ import numpy as np
 from scipy import optimize, stats
 
 from lab.aggregators import order_key
+from lab.runlog import HELDOUT_METRIC
 
 METRICS = ("final_reward", "auc")  # metrics of the training-reward curve
 EVAL_AVG_AT_K = "eval_avg_at_k"  # the last avg_at_k of eval.jsonl: the end-of-run held-out evaluation
@@ -367,7 +368,7 @@ def end_values_of_run(reader: Any) -> dict[str, float]:
             if isinstance(key, str) and key.startswith(EVAL_COLUMN_PREFIX) and not key.endswith("_se"):
                 if _finite(value):
                     found[key] = float(value)
-    if EVAL_AVG_AT_K in found and any(k.startswith(EVAL_COLUMN_PREFIX) for k in found):
+    if EVAL_AVG_AT_K in found and HELDOUT_METRIC in found:
         del found[EVAL_AVG_AT_K]  # the held-out reward is the same mean over the same samples: test it once
     return found
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from lab.aggregators import order_key
+from lab.auto_alpha import is_auto
 from lab.runlog import CONFIG, EVAL, METRICS, PROBES, SAMPLES, STATUS, RunReader, list_runs, read_json
 from lab.verdict import t95
 
@@ -159,8 +160,7 @@ class RunData:
     @property
     def alpha_is_auto(self) -> bool:
         """The run set α from its probes (``--alpha auto``, lab.auto_alpha)."""
-        value = self.config.get("alpha")
-        return isinstance(value, str) and value.strip().lower() == "auto"
+        return is_auto(self.config.get("alpha"))
 
     @property
     def alpha(self) -> float:

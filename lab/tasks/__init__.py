@@ -81,7 +81,7 @@ FAST: dict[str, Any] = {
     "threads": 1,
     "seeds": 5,
     "workers": 2,
-    # The held-out evaluation after the last step (lab.runner.HELDOUT_METRIC): 128 eval problems x 8
+    # The held-out evaluation after the last step (lab.runlog.HELDOUT_METRIC): 128 eval problems x 8
     # samples, the same problems and sampling seed for every aggregator of a seed.
     "eval_prompts": 128,
     "eval_k": 8,
