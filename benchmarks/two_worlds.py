@@ -23,6 +23,8 @@ Usage::
         --json benchmarks/results/two_worlds.2core.json                     # the full 2x2 (10 seeds)
     .venv/bin/python benchmarks/two_worlds.py --out /tmp/tw --seeds 2 --steps 5 --measure-rows 64   # smoke
     .venv/bin/python benchmarks/two_worlds.py --out runs/two_worlds --json X --resummarize       # no training
+    nice -n 5 .venv/bin/python benchmarks/two_worlds.py --out runs/two_worlds --json X --auto-alpha \
+        -- --probe-every 15                                   # then ΔL(auto) per cell, beside ΔL and Dr. GRPO
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ OPTIMIZERS = {
 }
 CELL_DEFAULTS = ["--probe-every", "10", "--compare-gradients-every", "0", "--save-every", "100000"]
 HELDOUT = "eval/heldout_reward"
+# --auto-alpha: ΔL(auto) in its own comparison per cell (it probes every 3 steps to feed its α; the cell's
+# four aggregators probe rarely), paired by seed with the cell's ΔL(α=1) and Dr. GRPO runs
+AUTO_LABEL = "delta_l-aauto"
+AUTO_FLAGS = ["--aggregators", AUTO_LABEL, "--probe-every", "3"]
+AUTO_PARTNERS = ("dr_grpo", "delta_l")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -68,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     p.add_argument(
         "--resummarize", action="store_true", help="no training: summarize the runs in --out again"
+    )
+    p.add_argument(
+        "--auto-alpha",
+        action="store_true",
+        help=f"per cell, train only {AUTO_LABEL} (same seeds) into <cell>-auto and pair it with the cell's "
+        f"{' and '.join(AUTO_PARTNERS)} runs (cells[...]['auto_alpha']); the cells' own runs are kept",
     )
     args, extra = p.parse_known_args(argv)
     if extra and extra[0] == "--":
@@ -109,6 +122,9 @@ def run_record(run_dir: Path) -> dict[str, Any]:
         "state": reader.status.get("state"),
         "reward": [[m["step"], m.get("reward")] for m in steps],
         "mean_length": [[m["step"], m.get("completions/mean_length")] for m in steps],
+        "alpha": [
+            [m["step"], m["delta_l/alpha"]] for m in steps if isinstance(m.get("delta_l/alpha"), (int, float))
+        ],
         "heldout_reward": heldout[-1][HELDOUT] if heldout else None,
         "heldout_reward_se": heldout[-1].get(f"{HELDOUT}_se") if heldout else None,
         "median_step_s": statistics.median(m["step_time"] for m in steps) if steps else None,
@@ -160,6 +176,16 @@ def summarize_cell(out: Path, group_size: int) -> dict[str, Any]:
     }
 
 
+def summarize_auto(out: Path, auto_out: Path) -> dict[str, Any]:
+    """ΔL(auto) beside the cell's ΔL(α=1) and Dr. GRPO: their runs (with α per step) and their verdict."""
+    from lab.verdict import compare_runs
+
+    partners = [d for d in run_dirs_of(out) if RunReader(d).config.get("label") in AUTO_PARTNERS]
+    dirs = partners + run_dirs_of(auto_out)
+    runs = [run_record(d) for d in dirs]
+    return {"runs": runs, "labels": label_summary(runs), "verdict": compare_runs(dirs)}
+
+
 def measure_world(world: str, rows: int) -> dict[str, Any]:
     """The large-batch measurement of the world's warm model (lab.worlds.measure_batch), timed."""
     from lab.runner import RunConfig
@@ -188,12 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     old = json.loads(args.json.read_text(encoding="utf-8")) if args.json and args.json.exists() else {}
     summary: dict[str, Any] = {
+        **old,  # the cells and worlds not run this time are kept, as are the stored wall times
         "command": "python benchmarks/two_worlds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "seeds": args.seeds,
         "steps": args.steps,
-        "cells": dict(old.get("cells", {})) if args.resummarize else {},
-        "worlds": dict(old.get("worlds", {})) if args.resummarize else {},
+        "cells": dict(old.get("cells", {})),
+        "worlds": dict(old.get("worlds", {})),
     }
     started = time.perf_counter()
     code = 0
@@ -202,30 +229,45 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{world}/{optimizer}"
             out = args.out / f"{world}-{optimizer}"
             cell = dict(summary["cells"].get(name, {}))
-            if not args.resummarize:
-                command = cell_command(world, optimizer, out, args, extra)
-                print(f"[{name}] running: {' '.join(command[1:])}", flush=True)
-                cell.update(lab_command=" ".join(command[1:]), load_before=os.getloadavg())
-                t0 = time.perf_counter()
-                cell["exit_code"] = subprocess.call(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-                cell.update(wall_seconds=time.perf_counter() - t0, load_after=os.getloadavg())
-                code = code or cell["exit_code"]
+            if args.auto_alpha:
+                cell["auto_alpha"] = dict(cell.get("auto_alpha", {}))
+                code = code or run_cell(cell["auto_alpha"], name, world, optimizer, Path(f"{out}-auto"), args,
+                                        [*extra, *AUTO_FLAGS])  # fmt: skip
+            elif not args.resummarize:
+                code = code or run_cell(cell, name, world, optimizer, out, args, extra)
             if out.exists():
                 cell.update(summarize_cell(out, group_size=8))
+            if Path(f"{out}-auto").exists():
+                cell.setdefault("auto_alpha", {}).update(summarize_auto(out, Path(f"{out}-auto")))
             summary["cells"][name] = cell
             _write(args.json, summary)
-        if not args.resummarize or world not in summary["worlds"]:
+        if world not in summary["worlds"] or not (args.resummarize or args.auto_alpha):
             print(f"[{world}] large-batch measurement ({args.measure_rows} completions)", flush=True)
             summary["worlds"][world] = measure_world(world, args.measure_rows)
             _write(args.json, summary)
     if not args.resummarize:
-        summary["wall_seconds"] = time.perf_counter() - started
+        key = "auto_alpha_wall_seconds" if args.auto_alpha else "wall_seconds"
+        summary[key] = time.perf_counter() - started
         summary["target_seconds"] = TARGET_S
-        summary["within_target"] = summary["wall_seconds"] <= TARGET_S
+        summary["within_target"] = summary.get("wall_seconds", 0) <= TARGET_S
     summary["measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _write(args.json, summary)
     print_table(summary)
     return code
+
+
+def run_cell(
+    record: dict[str, Any], name: str, world: str, optimizer: str, out: Path, args: argparse.Namespace,
+    extra: list[str],
+) -> int:  # fmt: skip
+    """Train one comparison (a ``lab compare`` subprocess), recording its command, wall time and load."""
+    command = cell_command(world, optimizer, out, args, extra)
+    print(f"[{name}] running: {' '.join(command[1:])}", flush=True)
+    record.update(lab_command=" ".join(command[1:]), load_before=os.getloadavg())
+    t0 = time.perf_counter()
+    record["exit_code"] = subprocess.call(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    record.update(wall_seconds=time.perf_counter() - t0, load_after=os.getloadavg())
+    return record["exit_code"]
 
 
 def _write(path: Path | None, summary: dict[str, Any]) -> None:
@@ -249,6 +291,13 @@ def print_table(summary: dict[str, Any]) -> None:
             print(
                 f"{name:<26} wall {wall / 60:.1f} min, load {cell['load_before'][0]:.1f} → {cell['load_after'][0]:.1f}"
             )
+        auto = cell.get("auto_alpha", {}).get("labels", {})
+        for label, s in auto.items():
+            if label == AUTO_LABEL:
+                m, sd = s["final_reward"]["mean"], s["final_reward"]["sd"]
+                print(
+                    f"{name:<26} {label:<10} {m:.3f} ± {sd:.3f}" if sd is not None else f"{name:<26} {label}"
+                )
     for world, m in summary["worlds"].items():
         fit = m["variance_fit"]
         print(f"{world}: k = {fit['exponent']:.2f} {fit['exponent_ci']}, CV ratio measured "

@@ -174,3 +174,63 @@ def test_gpu_generation_arms_are_the_lab_generation_flag():
     assert (args.prompts, args.num_generations) == (16, 8)
     with pytest.raises(SystemExit):
         gen.parse_args(["--arms", "generate,vllm"])
+
+
+def _probe_run(root: Path, name: str, probe_steps: tuple[int, ...]) -> Path:
+    writer = RunWriter(root / name)
+    writer.write_config({"aggregator": "delta_l", "label": name.rsplit("-s", 1)[0], "seed": 0,
+                         "task": "paperworld", "model": "paperworld-tiny", "max_steps": 6})  # fmt: skip
+    for step in range(1, 7):
+        row = {"step": step, "step_time": 0.5, "reward": 0.5, "delta_l/alpha": 1.0 + step / 10}
+        if step in probe_steps:
+            row |= {"step_time": 4.5, "probe/seconds": 4.0}
+        writer.log_metrics(row)
+    writer.set_status("finished", 6, 6)
+    return root / name
+
+
+def test_probe_cost_prices_the_probe_against_a_plain_step(tmp_path):
+    probe_cost = load("probe_cost")
+    costs = probe_cost.run_costs(_probe_run(tmp_path, "delta_l-aauto-s0", (1, 4)))
+    assert costs["probe_s"] == [4.0, 4.0] and costs["step_s_plain"] == [0.5] * 4
+    assert costs["alpha"][0] == [1, 1.1]
+    summary = probe_cost.task_summary([costs])
+    assert summary["overhead_at_every"]["2"] == pytest.approx(4.0 / (2 * 0.5))  # probe / (K * step)
+    assert summary["n_probes"] == 2
+
+
+def test_probe_cost_refuses_a_missing_runs_dir(tmp_path):
+    with pytest.raises(SystemExit, match="not a directory"):
+        load("probe_cost").run_dirs([tmp_path / "nope"])
+
+
+def test_lr_sweep_refuses_bad_rates():
+    lr_sweep = load("lr_sweep")
+    assert lr_sweep.parse_lrs("0.1,1") == [0.1, 1.0]
+    for bad in ("", "0.1,x", "0", "-1", "1000"):
+        with pytest.raises(SystemExit, match="--lrs"):
+            lr_sweep.parse_lrs(bad)
+
+
+def test_lr_sweep_corrects_over_every_rate():
+    """Holm over all the sweep's tests: a raw p of 0.02 at each of 3 rates is not distinguishable."""
+    lr_sweep = load("lr_sweep")
+    rates = {lr: {"verdict": {"pairs": [{"p_value": 0.02}, {"p_value": 0.5}]}} for lr in ("0.1", "1", "3")}
+    rates["10"] = {"verdict": {"pairs": [{"p_value": 0.001}, {"p_value": None}]}}
+    assert lr_sweep.correct_over_sweep(rates) == 7
+    assert rates["10"]["verdict"]["pairs"][0]["distinguishable_sweep"]  # 0.001 * 7 < 0.05
+    assert not rates["0.1"]["verdict"]["pairs"][0]["distinguishable_sweep"]  # Holm: 0.02 * 6 > 0.05
+    assert "p_holm_sweep" not in rates["10"]["verdict"]["pairs"][1]
+
+
+def test_two_worlds_keeps_the_cells_it_does_not_run(tmp_path, monkeypatch):
+    two_worlds = load("two_worlds")
+    stored = tmp_path / "tw.json"
+    stored.write_text(json.dumps({"cells": {"digitsum/adamw": {"wall_seconds": 12.0}}, "worlds": {"digitsum": {}},
+                                  "wall_seconds": 99.0}))  # fmt: skip
+    monkeypatch.setattr(two_worlds, "measure_world", lambda world, rows: {"variance_fit": {}})
+    monkeypatch.setattr(two_worlds, "print_table", lambda summary: None)
+    two_worlds.main(["--out", str(tmp_path / "runs"), "--json", str(stored), "--worlds", "digitsum",
+                     "--optimizers", "adamw", "--resummarize"])  # fmt: skip
+    kept = json.loads(stored.read_text())
+    assert kept["cells"]["digitsum/adamw"]["wall_seconds"] == 12.0 and kept["wall_seconds"] == 99.0
