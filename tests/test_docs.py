@@ -256,3 +256,89 @@ def _pw_pair() -> dict:
 def test_paper_world_pair_is_not_marked_and_its_interval_covers_zero() -> None:
     pair = _pw_pair()
     assert not pair["distinguishable"] and pair["ci_t"][0] < 0 < pair["ci_t"][1]
+
+
+# docs/measurements.md quotes these figures of stored results the same way (its paragraphs beyond the README's)
+MEASUREMENTS = ROOT / "docs" / "measurements.md"
+PW_VARIANCE = "paperworld_variance.2core.json"
+
+
+def _minus(text: str) -> str:
+    return text.replace("-", "−")
+
+
+def _pwv_fit_row(name: str, key: str, spec: str) -> str:
+    cells = []
+    for rows in ("all", "well_formed"):
+        fit = stored(PW_VARIANCE)[rows]["variance_fit"]
+        cells.append(
+            _minus(f"{fit[key]:{spec}} [{fit[key + '_ci'][0]:{spec}}, {fit[key + '_ci'][1]:{spec}}]")
+        )
+    return f"| {name} | {cells[0]} | {cells[1]} |"
+
+
+def _pwv_ratio_row(name: str, pick: Callable[[dict], dict]) -> str:
+    ratios = [pick(stored(PW_VARIANCE)[rows])["dr_grpo/delta_l"] for rows in ("all", "well_formed")]
+    return f"| {name} | {ratios[0]:.2f} | {ratios[1]:.2f} |"
+
+
+def _pwv_kind(kind: str, spec: str = ".3g") -> str:
+    return f"{stored(PW_VARIANCE)['score_norms']['by_kind'][kind]['mean']:{spec}}"
+
+
+def _pwv_bin(lo: int) -> dict:
+    return next(b for b in stored(PW_VARIANCE)["score_norms"]["by_length"] if b["min_length"] == lo)
+
+
+MEASUREMENT_FIGURES: dict[str, Callable[[], str]] = {
+    "paper world variance: run": lambda: (
+        f"{stored(PW_VARIANCE)['rows']} completions, {stored(PW_VARIANCE)['wall_seconds']:.0f} s at load "
+        f"{stored(PW_VARIANCE)['load_average_before'][0]:.1f} → {stored(PW_VARIANCE)['load_average_after'][0]:.1f}"
+    ),
+    "paper world variance: miscounts": lambda: (
+        f"breaks the count on {stored(PW_VARIANCE)['miscount_rate']:.2%} of the tokens after the length choice; "
+        f"{stored(PW_VARIANCE)['off_rows']} of {stored(PW_VARIANCE)['rows']} completions hold an off token, and "
+        f"they carry {stored(PW_VARIANCE)['off_variance_share']:.1%} of Σ Var(g_i)"
+    ),
+    "paper world variance: norms by kind": lambda: (
+        f"off token is {_pwv_kind('off')}, a well-formed filler's {_pwv_kind('filler_ok')} (the answer "
+        f"{_pwv_kind('answer')}, the length choice {_pwv_kind('length')}, an `<eos>` {_pwv_kind('eos', '.1g')})"
+    ),
+    "paper world variance: off share by length": lambda: (
+        f"{_pwv_bin(2)['off_token_share']:.1%} of the tokens at L = 2–3, {_pwv_bin(8)['off_token_share']:.1%} at "
+        f"8–15, {_pwv_bin(16)['off_token_share']:.1%} at 16–31 and {_pwv_bin(32)['off_token_share']:.1%} at L ≥ 32"
+    ),
+    "paper world variance: rows": lambda: (
+        f"| | all {stored(PW_VARIANCE)['all']['rows']} rows | "
+        f"{stored(PW_VARIANCE)['well_formed']['rows']} well-formed rows |"
+    ),
+    "paper world variance: exponent": lambda: _pwv_fit_row("k of Var(g_i) ≈ c·L^k", "exponent", ".2f"),
+    "paper world variance: intercept": lambda: _pwv_fit_row("a of Var(g_i) ≈ a + V·L", "intercept", ".1f"),
+    "paper world variance: slope": lambda: _pwv_fit_row("V of Var(g_i) ≈ a + V·L", "slope", ".2f"),
+    "paper world variance: measured ratio": lambda: _pwv_ratio_row(
+        "CV Dr. GRPO / ΔL, measured", lambda s: s["ratio_measured"]
+    ),
+    "paper world variance: theory ∝ L": lambda: _pwv_ratio_row(
+        "theory, Var ∝ L", lambda s: s["ratio_theory"]["linear"]
+    ),
+    "paper world variance: theory c·L^k": lambda: _pwv_ratio_row(
+        "theory, Var ∝ L^k (fitted k)", lambda s: s["ratio_theory"]["fitted_exponent"]
+    ),
+    "paper world variance: theory a + V·L": lambda: _pwv_ratio_row(
+        "theory, Var = a + V·L (fitted)", lambda s: s["ratio_theory"]["fitted_line"]
+    ),
+}
+
+
+@pytest.mark.parametrize("what", list(MEASUREMENT_FIGURES))
+def test_measurements_quote_the_stored_figure(what: str) -> None:
+    phrase = " ".join(MEASUREMENT_FIGURES[what]().split())
+    text = " ".join(MEASUREMENTS.read_text(encoding="utf-8").split())
+    assert phrase in text, f"docs/measurements.md should say {phrase!r} ({what})"
+
+
+def test_paper_world_variance_is_the_two_worlds_batch() -> None:
+    """docs/measurements.md says the all-rows column is two_worlds' large-batch measurement, redone."""
+    mine, theirs = stored(PW_VARIANCE)["all"], _pw_world()
+    assert mine["ratio_measured"] == pytest.approx(theirs["ratio_measured"])
+    assert mine["variance_fit"]["exponent_ci"] == pytest.approx(theirs["variance_fit"]["exponent_ci"])
