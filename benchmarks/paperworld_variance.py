@@ -17,7 +17,7 @@ What it stores (``--json``)
 Usage::
 
     nice -n 19 .venv/bin/python benchmarks/paperworld_variance.py \\
-        --json benchmarks/results/paperworld_variance.2core.json        # 512 rows, ~3 min on 2 loaded cores
+        --json benchmarks/results/paperworld_variance.2core.json        # 512 rows, ~2 min on 2 loaded cores
     .venv/bin/python benchmarks/paperworld_variance.py --rows 64        # smoke, ~20 s
 """
 

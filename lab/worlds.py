@@ -13,7 +13,11 @@ assumes (i) :math:`\mathrm{Var}(g_i) \approx V L_i`, (ii) :math:`E[g_i \mid L_i]
   same fit, and every aggregator's measured CV next to its theoretical CV on the same lengths: a probe's
   64 rows do not resolve the mean gradient from its noise in the paper world (its CV reads ``inf``), a
   batch of ~1000 does; the CV of a sum over N rows scales as :math:`1/\sqrt N` for every aggregator alike,
-  so the ratios between aggregators do not depend on N.
+  so the ratios between aggregators do not depend on N;
+- :func:`paperworld_variance`: the paper world's batch token by token: each token's kind by the task's rules
+  (:func:`paperworld_token_kinds`) and squared score norm (:func:`per_token_score_norms`), and the fit and
+  CV ratios of all rows beside those of the well-formed rows (:func:`row_statistics`): the miscounted
+  completions are what makes the world's variance grow faster than the length.
 """
 
 from __future__ import annotations
