@@ -867,8 +867,12 @@ def test_two_worlds_figures_use_the_lab_colours_and_the_overview_verdict(tmp_pat
     assert "predates the multiple-test correction" in source and two_worlds.has_holm(verdict)
     stored = summary["cells"]["paper-world/adamw"]["verdict"]["pairs"][0]
     assert verdict["pairs"][0]["ci"] == pytest.approx(stored["ci"])  # the same computation as the benchmark's
-    fig = overview.verdict_figure(verdict)
-    assert fig.data and "after Holm" in fig.layout.title.text
+    fig = two_worlds.cell_verdict_figure(verdict)  # the Overview's picture, titled for half a row
+    assert [t.name for t in fig.data] == [t.name for t in overview.verdict_figure(verdict).data]
+    assert fig.layout.title.text.startswith("0 of 3 distinguishable after Holm, 10 seed(s)")
+    notes = [a for a in grid.layout.annotations if a.text == "not in this file"]
+    panels = [(grid.layout[f"xaxis{i}"].domain, grid.layout[f"yaxis{i}"].domain) for i in (2, 4)]
+    assert [(a.x, a.y) for a in notes] == [((x0 + x1) / 2, (y0 + y1) / 2) for (x0, x1), (y0, y1) in panels]
     auto, source = two_worlds.verdict_of(summary["cells"]["digitsum/adamw"], "auto")
     assert {p["a"] for p in auto["pairs"]} | {p["b"] for p in auto["pairs"]} == {
         "delta_l",

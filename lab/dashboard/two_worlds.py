@@ -250,9 +250,13 @@ def _add_curve(fig: go.Figure, curve: pd.DataFrame, label: str, row: int, col: i
 
 
 def _empty_cell(fig: go.Figure, row: int, col: int, text: str) -> None:
+    """A note in the middle of an empty panel (paper coordinates: a panel without traces has no drawn axes
+    that an ``x2 domain`` reference could use)."""
     index = (row - 1) * len(OPTIMIZERS) + col
-    axis = "" if index == 1 else str(index)
-    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref=f"x{axis} domain", yref=f"y{axis} domain",
+    suffix = "" if index == 1 else str(index)
+    x0, x1 = fig.layout[f"xaxis{suffix}"].domain
+    y0, y1 = fig.layout[f"yaxis{suffix}"].domain
+    fig.add_annotation(text=text, showarrow=False, x=(x0 + x1) / 2, y=(y0 + y1) / 2, xref="paper", yref="paper",
                        font={"color": "#7f7f7f"})  # fmt: skip
 
 
@@ -380,6 +384,20 @@ def verdict_of(cell: Mapping[str, Any], part: str = "") -> tuple[dict | None, st
         return None, "no verdict stored and fewer than two aggregators' curves to compute one from"
     why = "the stored one predates the multiple-test correction" if stored is not None else "none was stored"
     return verdict, f"recomputed from the stored reward curves ({why})"
+
+
+def cell_verdict_figure(verdict: Mapping[str, Any], title: str = "") -> go.Figure:
+    """The Overview's verdict picture (:func:`lab.dashboard.overview.verdict_figure`), sized for half a row:
+    a short title and fewer ticks."""
+    from lab.dashboard.overview import verdict_figure, verdict_summary
+
+    fig = verdict_figure(dict(verdict))
+    n_yes, n_tests = verdict_summary(verdict)
+    fig.update_layout(title={"text": f"{title}{n_yes} of {n_tests} distinguishable after Holm, "
+                             f"{verdict.get('seeds', 0)} seed(s)", "font": {"size": 13}})  # fmt: skip
+    fig.update_xaxes(nticks=4, title_standoff=4)
+    fig.update_layout(height=(fig.layout.height or 224) + 30, margin={"b": 120}, legend={"y": -0.55})
+    return fig
 
 
 COMPACT_COLUMNS = ["a", "b", "metric", "mean a − b", "p (Holm)", "MDE", "verdict"]

@@ -313,14 +313,14 @@ def _two_worlds_verdicts(summary: dict) -> None:
                 if name not in have:
                     st.caption("Not in this file yet.")
                     continue
-                for part, title in (("", ""), ("auto", "ΔL(auto) beside ΔL and Dr. GRPO: ")):
+                for part, title in (("", ""), ("auto", "ΔL(auto) vs ΔL and Dr. GRPO: ")):
                     if part == "auto" and "auto_alpha" not in have[name]:
                         continue
                     verdict, source = two_worlds.verdict_of(have[name], part)
                     if verdict is None:
                         st.caption(md(title + source))
                         continue
-                    chart(overview.verdict_figure(verdict), f"tw_verdict_{name}_{part}")
+                    chart(two_worlds.cell_verdict_figure(verdict, title), f"tw_verdict_{name}_{part}")
                     st.dataframe(two_worlds.compact_verdict_table(verdict), hide_index=True, width="stretch")
                     st.caption(md(f"{title}verdict {source}."))
     st.caption(
