@@ -79,6 +79,8 @@ def main() -> None:
         with tab:
             if name in renderers:
                 ui.live_view(name, renderers[name], settings)
+            elif name == "Two worlds":
+                ui.render_two_worlds(network=settings.network)
             elif name == "Estimator playground":
                 ui.render_playground()
             else:

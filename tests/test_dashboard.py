@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from lab.aggregation import METHODS, estimator_stats
 from lab.aggregators import AGGREGATORS
-from lab.dashboard import colors, launch, lengths, noise, overview, playground, ui, weights
+from lab.dashboard import colors, launch, lengths, noise, overview, playground, two_worlds, ui, weights
 from lab.dashboard.data import RunData, RunStore, downsample, group_by_label, label_curve, reward_range, t95
 from lab.dashboard.ui import VIEWS, runs_dir_from_args
 from lab.runlog import RunWriter
@@ -50,6 +50,7 @@ def served_on_localhost(monkeypatch):
     """AppTest has no server: say it listens on 127.0.0.1 (as .streamlit/config.toml makes it), whatever the cwd."""
     monkeypatch.setattr(ui, "server_address", lambda: "127.0.0.1")
     monkeypatch.delenv(launch.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(two_worlds.RESULTS_ENV, raising=False)  # the stored benchmark of this checkout
 
 
 def app_for(runs_dir: Path, view: str | None, monkeypatch) -> AppTest:
@@ -711,3 +712,173 @@ def test_gradient_pair_figures_read_the_logged_comparison(complete_runs, tmp_pat
     fig = noise.gradient_cosine_figure(logged)
     assert [t.name for t in fig.data] == ["GRPO vs ΔL", "GRPO vs DAPO"] and list(fig.data[0].y) == [1.0] * 3
     assert list(noise.gradient_norm_ratio_figure(logged).data[0].y) == [4.0, 5.0, 6.0]
+
+
+# -------------------------------------------------------------------------------------------------------
+# Two worlds: the stored 2x2 benchmark (benchmarks/two_worlds.py)
+# -------------------------------------------------------------------------------------------------------
+STORED_TWO_WORLDS = two_worlds.DEFAULT_RESULTS_DIR / "two_worlds.2core.json"
+
+
+def two_worlds_file(folder: Path, name: str = "two_worlds.test.json") -> Path:
+    """A 2x2 file from the stored one: paper-world/adamw as stored, digitsum/adamw the same runs without a
+    verdict and with ΔL(auto) runs (α per step), no SGD cells, and a digitsum world without CVs."""
+    import copy
+
+    summary = json.loads(STORED_TWO_WORLDS.read_text(encoding="utf-8"))
+    cell = summary["cells"]["paper-world/adamw"]
+    digitsum = {k: v for k, v in copy.deepcopy(cell).items() if k != "verdict"}
+    auto_runs = []
+    for run in cell["runs"]:
+        if run["label"] == "delta_l":
+            auto = {
+                **copy.deepcopy(run),
+                "label": two_worlds.AUTO_LABEL,
+                "run": f"delta_l-aauto-s{run['seed']}",
+            }
+            auto["alpha"] = [[step, 1.0 - 0.01 * step + 0.001 * run["seed"]] for step, _ in run["reward"]]
+            auto_runs.append(auto)
+    digitsum["auto_alpha"] = {"runs": [r for r in cell["runs"] if r["label"] == "delta_l"] + auto_runs}
+    summary["cells"] = {"paper-world/adamw": cell, "digitsum/adamw": digitsum}
+    summary["worlds"]["digitsum"] = {
+        "model": "tiny",
+        "variance_fit": summary["worlds"]["paper-world"]["variance_fit"],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(summary), encoding="utf-8")
+    return path
+
+
+def two_worlds_app(monkeypatch, results: Path | None, runs_dir: Path) -> AppTest:
+    if results is not None:
+        monkeypatch.setenv(two_worlds.RESULTS_ENV, str(results))
+    return app_for(runs_dir, "Two worlds", monkeypatch)
+
+
+def test_two_worlds_tab_shows_the_stored_file_without_any_run(roots, monkeypatch):
+    at = two_worlds_app(monkeypatch, None, roots["empty"])
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error
+    summary, error = two_worlds.load_summary(STORED_TWO_WORLDS)
+    assert error is None
+    captions = " ".join(plain(c.value) for c in at.caption)
+    assert STORED_TWO_WORLDS.name in captions and "only the RATIO between aggregators" in captions
+    for note in two_worlds.missing(summary):  # whatever the stored file lacks is said, not an error
+        assert note in captions
+    n_verdicts = sum(bool(two_worlds.verdict_of(c)[0]) for c in two_worlds.cells(summary).values())
+    # the reward grid, one verdict picture per cell, the CV ratios, the fitted k (and α when stored)
+    assert len(charts(at)) >= 3 + n_verdicts >= 4
+    verdicts = [d.value for d in at.dataframe if "p (Holm)" in d.value.columns]
+    assert len(verdicts) >= n_verdicts and all(v["p (Holm)"].notna().all() for v in verdicts)
+    cv = next(d.value for d in at.dataframe if "measured / ΔL" in d.value.columns)
+    assert (cv[cv["aggregator"] == "ΔL"]["measured / ΔL"] == 1.0).all()
+
+
+def test_two_worlds_tab_with_a_missing_cell_a_malformed_and_an_oversized_file(roots, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    two_worlds_file(results)
+    (results / "two_worlds.broken.json").write_text('{"cells": {"paper-world/adamw": [1, 2', encoding="utf-8")
+    (results / "two_worlds.list.json").write_text("[1, 2, 3]", encoding="utf-8")
+    (results / "two_worlds.zbig.json").write_text(json.dumps({"pad": "x" * 4000}), encoding="utf-8")
+    monkeypatch.setattr(two_worlds, "MAX_BYTES", 2000)
+    at = two_worlds_app(monkeypatch, results, roots["empty"])
+    assert not at.exception, [e.value for e in at.exception]
+    picker = at.selectbox(key="tw_file")
+    assert picker.options == ["two_worlds.broken.json", "two_worlds.list.json", "two_worlds.test.json",
+                              "two_worlds.zbig.json"]  # fmt: skip
+    assert "two_worlds.broken.json is not valid JSON" in plain(at.error[0].value)
+    picker.set_value("two_worlds.list.json").run()
+    assert not at.exception and "holds a JSON list" in plain(at.error[0].value)
+    at.selectbox(key="tw_file").set_value("two_worlds.zbig.json").run()
+    assert not at.exception and "two_worlds.zbig.json is 0.0 MB, over the" in plain(at.error[0].value)
+    monkeypatch.setattr(two_worlds, "MAX_BYTES", 50 * 2**20)
+    at.selectbox(key="tw_file").set_value("two_worlds.test.json").run()
+    assert not at.exception and not at.error
+    captions = " ".join(plain(c.value) for c in at.caption)
+    assert "No cell paper-world/sgd-equalized, digitsum/sgd-equalized yet." in captions
+    assert (
+        "Cell digitsum/adamw has no verdict." in captions
+        and "World digitsum has no cv, cv_theory." in captions
+    )
+    assert "recomputed from the stored reward curves (none was stored)" in captions
+    assert "α per step" not in captions  # the ΔL(auto) runs are drawn
+    grid = json.loads(charts(at)[0].proto.spec)
+    assert "not in this file" in [a["text"] for a in grid["layout"]["annotations"]]
+    assert "ΔL α=auto" in {t.get("name") for t in grid["data"]}
+    assert any("α per step" in json.loads(c.proto.spec)["layout"]["title"]["text"] for c in charts(at))
+
+
+def test_two_worlds_results_dir_and_network_mode(roots, tmp_path, monkeypatch):
+    assert two_worlds.results_dir({}) == two_worlds.ROOT / "benchmarks" / "results"
+    assert two_worlds.results_dir({two_worlds.RESULTS_ENV: "elsewhere"}) == two_worlds.ROOT / "elsewhere"
+    assert two_worlds.results_dir({two_worlds.RESULTS_ENV: str(tmp_path)}) == tmp_path
+    two_worlds_file(tmp_path / "results")
+    at = two_worlds_app(monkeypatch, tmp_path / "results", roots["empty"])
+    assert at.text_input(key="tw_dir").value == str(tmp_path / "results")  # local: a field to look elsewhere
+    at.text_input(key="tw_dir").set_value(str(tmp_path / "nothing-here")).run()
+    assert not at.exception and any("No `two_worlds.*.json` in" in plain(i.value) for i in at.info)
+    monkeypatch.setattr(ui, "server_address", lambda: "0.0.0.0")
+    at = two_worlds_app(monkeypatch, tmp_path / "results", roots["empty"])
+    assert not at.exception and not [t for t in at.text_input if t.key == "tw_dir"]
+    assert any("fixed" in plain(c.value) and str(tmp_path / "results") in plain(c.value) for c in at.caption)
+
+
+def test_two_worlds_load_refuses_large_and_tolerates_malformed_files(tmp_path):
+    path = tmp_path / "two_worlds.x.json"
+    path.write_text(json.dumps({"cells": {}}), encoding="utf-8")
+    assert two_worlds.load_summary(path) == ({"cells": {}}, None)
+    summary, error = two_worlds.load_summary(path, max_bytes=5)
+    assert summary is None and error.startswith("two_worlds.x.json is") and "MB limit: not read" in error
+    path.write_bytes(b"\xff\xfe")
+    assert "not valid JSON" in two_worlds.load_summary(path)[1]
+    assert (
+        "Could not read two_worlds.missing.json"
+        in two_worlds.load_summary(tmp_path / "two_worlds.missing.json")[1]
+    )
+    # junk in every place the view reads: no exception, and each figure still builds
+    junk = {"cells": {"paper-world/adamw": {"runs": [1, {"label": 3, "reward": [[1], "x", [2, None]]}],
+                                            "verdict": {"pairs": ["x", 1]}, "auto_alpha": [],
+                                            "labels": {"delta_l": 5}},
+                      "digitsum/adamw": "nope"},
+            "worlds": {"paper-world": {"cv": [1], "cv_theory": {"grpo": "x"}, "variance_fit": {"exponent": "k"}}},
+            "machine": "box"}  # fmt: skip
+    assert two_worlds.missing(junk)
+    for build in (two_worlds.reward_grid_figure, two_worlds.cv_figure, two_worlds.fit_figure,
+                  two_worlds.alpha_figure, two_worlds.scores_table, two_worlds.cv_table, two_worlds.ratio_table,
+                  two_worlds.fit_table, two_worlds.header):  # fmt: skip
+        build(junk)
+    assert two_worlds.verdict_of(junk["cells"]["paper-world/adamw"])[0] is None
+
+
+def test_two_worlds_figures_use_the_lab_colours_and_the_overview_verdict(tmp_path):
+    summary, _ = two_worlds.load_summary(two_worlds_file(tmp_path))
+    grid = two_worlds.reward_grid_figure(summary)
+    lines = [t for t in grid.data if t.mode == "lines" and t.showlegend is not False and t.fill is None]
+    assert {t.name: t.line.color for t in lines} == {
+        colors.display_name(label): colors.color_for(label)
+        for label in ("dr_grpo", "delta_l", two_worlds.AUTO_LABEL)
+    }
+    curve = two_worlds.seed_curve(
+        [r for r in summary["cells"]["paper-world/adamw"]["runs"] if r["label"] == "delta_l"]
+    )
+    assert len(curve) == 30 and (curve["n"] == 10).all() and (curve["lo"] <= curve["mean"]).all()
+    verdict, source = two_worlds.verdict_of(summary["cells"]["paper-world/adamw"])
+    assert "predates the multiple-test correction" in source and two_worlds.has_holm(verdict)
+    stored = summary["cells"]["paper-world/adamw"]["verdict"]["pairs"][0]
+    assert verdict["pairs"][0]["ci"] == pytest.approx(stored["ci"])  # the same computation as the benchmark's
+    fig = two_worlds.cell_verdict_figure(verdict)  # the Overview's picture, titled for half a row
+    assert [t.name for t in fig.data] == [t.name for t in overview.verdict_figure(verdict).data]
+    assert fig.layout.title.text.startswith("0 of 3 distinguishable after Holm, 10 seed(s)")
+    notes = [a for a in grid.layout.annotations if a.text == "not in this file"]
+    panels = [(grid.layout[f"xaxis{i}"].domain, grid.layout[f"yaxis{i}"].domain) for i in (2, 4)]
+    assert [(a.x, a.y) for a in notes] == [((x0 + x1) / 2, (y0 + y1) / 2) for (x0, x1), (y0, y1) in panels]
+    auto, source = two_worlds.verdict_of(summary["cells"]["digitsum/adamw"], "auto")
+    assert {p["a"] for p in auto["pairs"]} | {p["b"] for p in auto["pairs"]} == {
+        "delta_l",
+        two_worlds.AUTO_LABEL,
+    }
+    fit = two_worlds.fit_table(summary)
+    assert (fit["at the search edge"] == "yes").any() == bool(
+        (fit["k"].abs() >= two_worlds.K_BRACKET - 0.01).any()
+    )

@@ -1,7 +1,8 @@
 """Real-browser test: ``streamlit run app.py`` on a free port, headless Debian Chromium through Playwright.
 
-Visits every tab on synthetic fixture runs (one of them live), waits for the plotly charts, asserts there is
-no exception box and no "Deploy" button, checks that the Launch tab refuses a comparison name outside the runs dir, that a live
+Visits every tab on synthetic fixture runs (one of them live) and the stored two_worlds benchmark, waits for
+the plotly charts, asserts there is no exception box, no console error on the Two worlds tab and no "Deploy"
+button, checks that the Launch tab refuses a comparison name outside the runs dir, that a live
 run's chart updates by itself, and saves screenshots (to tmp_path, and
 to $LAB_ARTIFACTS when set).
 """
@@ -38,6 +39,7 @@ TABS = {
     "Lengths": (4, "Steps shown over time"),
     "Gradient noise": (3, "Probe step"),
     "Weights": (2, "How α changes ΔL"),
+    "Two worlds": (4, "Verdict per cell"),  # the stored benchmark: rewards, a verdict per cell, CV, k
     "Estimator playground": (3, "Monte Carlo trials"),
     "Launch": (0, "Comparison name"),
 }
@@ -116,6 +118,13 @@ def test_dashboard_in_chromium(server, tmp_path):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            tab_now = ["(load)"]
+            console_errors: list[tuple[str, str]] = []
+            page.on(
+                "console",
+                lambda m: console_errors.append((tab_now[0], m.text)) if m.type == "error" else None,
+            )
+            page.on("pageerror", lambda err: console_errors.append((tab_now[0], str(err))))
             page.goto(url, timeout=30_000)
             # hostile run data is shown as text: no iframe, no image, no script ran
             page.get_by_text("iframe srcdoc", exact=False).first.wait_for(timeout=30_000)
@@ -128,6 +137,7 @@ def test_dashboard_in_chromium(server, tmp_path):
             assert page.locator("[data-testid=stAppDeployButton]").count() == 0
             assert page.get_by_role("button", name="Deploy").count() == 0
             for tab, (n_charts, marker) in TABS.items():
+                tab_now[0] = tab
                 page.get_by_role("tab", name=tab).click()
                 page.get_by_text(marker).first.wait_for(timeout=30_000)
                 wait_for_charts(page, n_charts)
@@ -135,6 +145,7 @@ def test_dashboard_in_chromium(server, tmp_path):
                 assert page.locator("[data-testid=stException]").count() == 0, f"exception box on {tab}"
                 shot = save(page, tmp_path, tab.lower().replace(" ", "-"))
                 assert shot.stat().st_size > 10_000
+            assert not [e for e in console_errors if e[0] == "Two worlds"], console_errors
 
             # Launch refuses a name that leaves the runs dir, says why, offers no Start, creates nothing
             page.get_by_role("tab", name="Launch").click()

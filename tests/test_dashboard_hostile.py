@@ -119,3 +119,64 @@ def test_sanitize_figure_escapes_names_titles_and_categories():
     blob = json.dumps(fig.to_plotly_json())
     for tag in ("<img", "<b>", "<i>", "<a ", "<sup>", "<script"):
         assert tag not in blob
+
+
+SCRIPT = "<script>alert(1)</script>"
+IMG = "<img src=x onerror=alert(1)>"
+
+
+def hostile_two_worlds(folder: Path) -> Path:
+    """A two_worlds file (benchmarks/two_worlds.py's layout) whose every string tries to be markup."""
+    runs = [
+        {"run": f"{label}-s{seed}", "label": label, "seed": seed, "state": "finished",
+         "reward": [[step, 0.1 * step + 0.01 * seed] for step in range(1, 6)], "heldout_reward": 0.5,
+         "alpha": [[step, 1.0] for step in range(1, 6)]}
+        for label in (SCRIPT, IMG, "delta_l-aauto") for seed in range(3)
+    ]  # fmt: skip
+    pair = {"a": SCRIPT, "b": IMG, "metric": f"final{IMG}", "mean_diff": 0.1, "ci": [0.0, 0.2],
+            "ci_t": [0.0, 0.2], "p_value": 0.01, "p_holm": 0.02, "mde": 0.05, "distinguishable": True,
+            "n_seeds": 3}  # fmt: skip
+    cell = {"runs": runs, "labels": {SCRIPT: {"final_reward": {"mean": 0.5, "sd": 0.1, "n": 3}}},
+            "verdict": {"seeds": 3, "pairs": [pair], "method": SCRIPT, "note": IMG},
+            "auto_alpha": {"runs": runs, "verdict": {"pairs": [{**pair, "p_holm": 0.5, "a": "delta_l-aauto"}]}},
+            "variance_fit_step1": {"exponent": 1.0, "exponent_ci": [0.5, 1.5]}}  # fmt: skip
+    world = {"cv": {SCRIPT: 1.0, "delta_l": 0.5}, "cv_theory": {SCRIPT: 0.2, "delta_l": 0.1},
+             "variance_fit": {"exponent": 1.2, "exponent_ci": [0.9, 1.5]},
+             "ratio_measured": {"family": 2.0, IMG: 1.0}}  # fmt: skip
+    summary = {
+        "command": f"python benchmarks/two_worlds.py {SCRIPT}", "measured": IMG, "seeds": SCRIPT,
+        "machine": {"cpus": IMG, "platform": SCRIPT, f"k{IMG}": "[x](javascript:alert(1))"},
+        "cells": {"paper-world/adamw": cell, f"{SCRIPT}/sgd": {"runs": "x"}},
+        "worlds": {"paper-world": world, IMG: world},
+    }  # fmt: skip
+    folder.mkdir(parents=True)
+    path = folder / f"two_worlds.{IMG}.json"
+    path.write_text(json.dumps(summary), encoding="utf-8")
+    (folder / f"two_worlds.{SCRIPT.replace('/', '')}.json").write_text("{not json", encoding="utf-8")
+    return path
+
+
+def test_hostile_two_worlds_file_stays_text(tmp_path, monkeypatch):
+    hostile_two_worlds(tmp_path / "results")
+    monkeypatch.setenv("LAB_RUNS_DIR", str(tmp_path / "no-runs"))
+    monkeypatch.setenv("LAB_RESULTS_DIR", str(tmp_path / "results"))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["view"] = "Two worlds"
+    at.run()
+    drawn = {}
+    for name in at.selectbox(
+        key="tw_file"
+    ).options:  # the hostile file and a malformed one (hostile name too)
+        at.selectbox(key="tw_file").set_value(name).run()
+        assert not at.exception, [e.value for e in at.exception]
+        sources = markdown_sources(at)
+        shown = " ".join(s for _, s in sources)
+        assert "script" in shown and ("onerror" in shown or "onerror" not in name), "shown, as text"
+        for kind, source in sources:
+            assert not rendered_tags(source), (kind, source)
+            assert "](javascript" not in source.replace("\\", "") or "\\]" in source, (kind, source)
+        for chart in at.get("plotly_chart"):
+            text = json.dumps(json.loads(chart.proto.spec))
+            assert "<img" not in text and "<script" not in text, "a figure text carries markup"
+        drawn[name] = len(at.get("plotly_chart"))
+    assert drawn[f"two_worlds.{IMG}.json"] >= 6  # rewards, two verdicts, CV, k, α: the hostile file was drawn

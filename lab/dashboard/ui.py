@@ -1,4 +1,4 @@
-"""Streamlit rendering of the six views. The figures come from the view modules (no streamlit there)."""
+"""Streamlit rendering of the seven views. The figures come from the view modules (no streamlit there)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import streamlit as st
 
 from lab.aggregation import LENGTH_DISTRIBUTIONS
 from lab.aggregators import AGGREGATORS, DEFAULT_AGGREGATORS
-from lab.dashboard import launch, lengths, noise, overview, playground, weights
+from lab.dashboard import launch, lengths, noise, overview, playground, two_worlds, weights
 from lab.dashboard.colors import display_name
 from lab.dashboard.data import RunData, RunStore, group_by_label
 from lab.dashboard.safe import md, sanitize_figure
 from lab.tasks import FAST
 
-VIEWS = ("Overview", "Lengths", "Gradient noise", "Weights", "Estimator playground", "Launch")
+VIEWS = ("Overview", "Lengths", "Gradient noise", "Weights", "Two worlds", "Estimator playground", "Launch")
 DEFAULT_RUNS_DIR = "runs"
 PLOTLY_CONFIG = {"displaylogo": False}
 
@@ -242,6 +242,114 @@ def render_weights(runs: list[RunData], s: Settings) -> None:
     st.caption(
         "Recomputed with `lab.aggregation.sequence_weights` over the whole batch (as the official code), "
         "normalized to mean 1. α=0 is Dr. GRPO (equal weights); α=1 is inverse-variance weighting."
+    )
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def _two_worlds_summary(path: str, mtime_ns: int, size: int) -> tuple[dict | None, str | None]:
+    """The file, read again only when it changed (mtime and size are the cache key)."""
+    return two_worlds.load_summary(Path(path))
+
+
+def render_two_worlds(network: bool = False) -> None:
+    """The stored 2x2 benchmark (benchmarks/two_worlds.py): needs no run, only its JSON file."""
+    default = two_worlds.results_dir(os.environ)
+    if network:  # a visitor may not browse other folders of this machine
+        folder = default
+        st.caption(f"Results dir: {md(folder)} (fixed: the dashboard is served on the network; set it with "
+                   f"`{two_worlds.RESULTS_ENV}` at start).")  # fmt: skip
+    else:
+        given = st.text_input(f"Results dir (`{two_worlds.RESULTS_ENV}`)", str(default), key="tw_dir").strip()
+        folder = Path(given).expanduser() if given else default
+    files = two_worlds.result_files(folder)
+    if not files:
+        st.info(
+            f"No `{two_worlds.PATTERN}` in {md(folder)}: `benchmarks/two_worlds.py --json FILE` writes one."
+        )
+        return
+    names = [p.name for p in files]
+    name = st.selectbox("Stored file", names, key="tw_file") if len(names) > 1 else names[0]
+    path = files[names.index(name)] if name in names else files[0]
+    try:
+        stat = path.stat()
+    except OSError as err:
+        st.error(f"Could not read {md(path.name)}: {md(err.strerror or err)}.")
+        return
+    summary, error = _two_worlds_summary(str(path), stat.st_mtime_ns, stat.st_size)
+    if summary is None:
+        st.error(md(error))
+        return
+    head = two_worlds.header(summary)
+    st.caption(f"{md(path.name)}: " + "; ".join(f"{md(k)} {md(v)}" for k, v in head.items()))
+    notes = two_worlds.missing(summary)
+    if notes:
+        st.caption("Missing (shown as empty): " + " ".join(md(n) for n in notes))
+    chart(two_worlds.reward_grid_figure(summary), "tw_rewards")
+    st.caption(
+        "Rows: the world (paper world: the positive control, where length and advantage are built to "
+        "matter; digitsum: the lab's fast task). Columns: the optimizer (SGD with `--equalize-step-size` "
+        "keeps the aggregator's gradient scale, which Adam largely absorbs). ΔL(auto), when stored, is dashed."
+    )
+    st.dataframe(two_worlds.scores_table(summary), hide_index=True, width="stretch")
+    _two_worlds_verdicts(summary)
+    _two_worlds_noise(summary)
+    st.subheader("ΔL(auto): α over steps")
+    if two_worlds.has_alpha(summary):
+        chart(two_worlds.alpha_figure(summary), "tw_alpha")
+        st.caption("α re-estimated from the gradient probes during training (`--alpha auto`).")
+    else:
+        st.caption("No ΔL(auto) runs with α per step in this file (`benchmarks/two_worlds.py --auto-alpha`).")
+
+
+def _two_worlds_verdicts(summary: dict) -> None:
+    st.subheader("Verdict per cell")
+    have = two_worlds.cells(summary)
+    for world in two_worlds.WORLDS:
+        columns = st.columns(len(two_worlds.OPTIMIZERS))
+        for column, optimizer in zip(columns, two_worlds.OPTIMIZERS, strict=True):
+            name = f"{world}/{optimizer}"
+            with column:
+                st.markdown(f"**{md(two_worlds.cell_title(name))}**")
+                if name not in have:
+                    st.caption("Not in this file yet.")
+                    continue
+                for part, title in (("", ""), ("auto", "ΔL(auto) vs ΔL and Dr. GRPO: ")):
+                    if part == "auto" and "auto_alpha" not in have[name]:
+                        continue
+                    verdict, source = two_worlds.verdict_of(have[name], part)
+                    if verdict is None:
+                        st.caption(md(title + source))
+                        continue
+                    chart(two_worlds.cell_verdict_figure(verdict, title), f"tw_verdict_{name}_{part}")
+                    st.dataframe(two_worlds.compact_verdict_table(verdict), hide_index=True, width="stretch")
+                    st.caption(md(f"{title}verdict {source}."))
+    st.caption(
+        "As in the Overview: dot = mean paired difference a − b over seeds (filled red: distinguishable after "
+        "Holm), bar = family-wise t-interval, shade = ± the pair's MDE (80% power). A tie is a finding only as "
+        "far as the MDE reaches."
+    )
+
+
+def _two_worlds_noise(summary: dict) -> None:
+    st.subheader("Per world: measured vs theoretical CV, and the variance exponent k")
+    chart(two_worlds.cv_figure(summary), "tw_cv")
+    st.caption(
+        "One large batch of each world's warm model. The theoretical CV assumes Var(g_i) = V·L_i with "
+        "V = |∇J| = 1, a unit choice: its level does not compare with the measured one, only the RATIO between "
+        "aggregators does. Each bar is an aggregator's CV divided by ΔL(α=1)'s, measured beside theory."
+    )
+    left, right = st.columns(2)
+    with left:
+        st.dataframe(two_worlds.cv_table(summary), hide_index=True, width="stretch")
+    with right:
+        st.dataframe(two_worlds.ratio_table(summary), hide_index=True, width="stretch")
+    chart(two_worlds.fit_figure(summary), "tw_fit")
+    st.dataframe(two_worlds.fit_table(summary), hide_index=True, width="stretch")
+    st.caption(
+        f"k of Var(g_i) = c·L_i^k fitted by least squares (`lab.probes.statistics.power_law_exponent`, searched "
+        f"in [−{two_worlds.K_BRACKET:g}, {two_worlds.K_BRACKET:g}]), 95% bootstrap interval over prompt groups. "
+        "A k or bound at the search edge means the data did not pin k down there. The theory above takes k = 1; "
+        "the ratio table also gives the theory at the fitted k."
     )
 
 
