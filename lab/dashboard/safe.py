@@ -63,7 +63,8 @@ def _escape_seq(values: Any) -> Any:
 
 
 def sanitize_figure(fig: go.Figure) -> go.Figure:
-    """Escape every text a figure shows: title, axis titles, annotations, trace names, text and categories.
+    """Escape every text a figure holds: title, axis titles, annotations, trace names and legend groups, text
+    and categories.
 
     Hover templates are the lab's own (they carry ``<br>`` and ``%{y}``) and are left as they are; the code
     that builds one escapes any data it puts in with :func:`plotly_text`.
@@ -81,6 +82,8 @@ def sanitize_figure(fig: go.Figure) -> go.Figure:
     for trace in fig.data:
         if getattr(trace, "name", None):
             trace.name = plotly_text(trace.name)
+        if getattr(trace, "legendgroup", None):  # not shown, but it is data too: no raw markup in the figure
+            trace.legendgroup = plotly_text(trace.legendgroup)
         for field in ("text", "hovertext", "x", "y", "labels"):
             if field in trace and trace[field] is not None:
                 trace[field] = _escape_seq(trace[field])
