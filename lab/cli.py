@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.SIGTERM, raise_keyboard_interrupt
     )  # a process manager's stop = Ctrl-C: save, mark, exit
     try:
-        config = config_from_args(args, aggregators[0])
+        from lab.aggregators import split_label
+
+        # the comparison's base config: a label such as delta_l-aauto names the aggregator and its own α
+        config = config_from_args(args, split_label(aggregators[0])[0])
         defaults = run_defaults(config)
         seeds = list(range(config.seed, config.seed + (args.seeds or defaults["seeds"])))
         workers = args.workers or defaults["workers"]

@@ -422,6 +422,35 @@ def test_train_writes_the_run_log(tmp_path):
 
 
 @pytest.mark.slow
+def test_compare_may_start_with_a_delta_l_label_of_its_own_alpha(tmp_path, monkeypatch):
+    """``--aggregators delta_l-aauto`` (the two-worlds ΔL(auto) pass) or ``delta_l-a0.5,...`` first: the label is
+    split before the base config is checked, and each run gets its own α."""
+    import lab.runner
+
+    planned = {}
+
+    def plan_only(config, *, aggregators, seeds, out, resume, workers):
+        plan = lab.runner.comparison_plan(
+            config, aggregators=aggregators, seeds=seeds, out=out, resume=resume
+        )
+        planned.update({c.run_id: c.alpha for c, _ in plan})
+        return []
+
+    monkeypatch.setattr(lab.runner, "run_comparison", plan_only)
+    out = tmp_path / "c"
+    argv = [
+        "compare",
+        "--aggregators",
+        "delta_l-aauto,delta_l-a0.5,dr_grpo",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert main([*argv, *FAST]) == 0
+    assert planned == {"delta_l-aauto-s0": "auto", "delta_l-a0.5-s0": 0.5, "dr_grpo-s0": 1.0}
+
+
 def test_compare_runs_every_aggregator_and_seed(tmp_path):
     result = lab(
         "compare",
