@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     old = json.loads(args.json.read_text(encoding="utf-8")) if args.json and args.json.exists() else {}
     summary: dict[str, Any] = {
         **old,  # the cells and worlds not run this time are kept, as are the stored wall times
-        "command": "python benchmarks/two_worlds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        # each pass keeps its own command (the --auto-alpha pass adds to the 2x2, it does not replace it)
+        ("auto_alpha_command" if args.auto_alpha else "command"): "python benchmarks/two_worlds.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "seeds": args.seeds,
         "steps": args.steps,
