@@ -14,10 +14,17 @@ What it runs
     decision is corrected over the whole sweep: Holm over every test of every rate (``p_holm_sweep``), so
     trying several rates does not buy a false "distinguishable".
 
+A confirmation on fresh seeds
+    A sweep explores; its strongest lead is then tested once more on seeds the sweep never used
+    (``--first-seed``, one rate, its own Holm family of three tests), the lead named before that run starts.
+    A confirmation is only as good as that order: run it once, report it whatever it shows.
+
 Usage::
 
     nice -n 5 .venv/bin/python benchmarks/lr_sweep.py --out runs/lr_sweep --lrs 0.1,0.3,1,3 \\
         --json benchmarks/results/lr_sweep.paperworld.2core.json -- --probe-every 15
+    nice -n 5 .venv/bin/python benchmarks/lr_sweep.py --out runs/lr_confirm --lrs 3 --first-seed 10 \\
+        --seeds 20 --json benchmarks/results/lr_confirm.paperworld.2core.json -- --probe-every 15
 """
 
 from __future__ import annotations
@@ -69,18 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--lrs", default="0.1,0.3,1,3")
     p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     p.add_argument("--steps", type=int, default=30)
     args, extra = p.parse_known_args(argv)
     extra = extra[1:] if extra[:1] == ["--"] else extra
     lrs = parse_lrs(args.lrs)
     result: dict[str, Any] = {"command": "python benchmarks/lr_sweep.py " + " ".join(argv or sys.argv[1:]),
-                              "machine": machine(), "seeds": args.seeds, "steps": args.steps, "rates": {}}  # fmt: skip
+                              "machine": machine(), "seeds": args.seeds, "first_seed": args.first_seed, "steps": args.steps,
+                              "rates": {}}  # fmt: skip
     started = time.perf_counter()
     code = 0
     for lr in lrs:
         out = args.out / f"lr{lr:g}"
-        command = [sys.executable, "-m", "lab.cli", "compare", *BASE, "--learning-rate", f"{lr:g}", "--seeds",
-                   str(args.seeds), "--steps", str(args.steps), *extra, "--out", str(out)]  # fmt: skip
+        command = [sys.executable, "-m", "lab.cli", "compare", *BASE, "--learning-rate", f"{lr:g}", "--seed",
+                   str(args.first_seed), "--seeds", str(args.seeds), "--steps", str(args.steps), *extra, "--out", str(out)]  # fmt: skip
         if out.exists():
             command.append("--resume")
         print(f"[lr {lr:g}] running: {' '.join(command[1:])}", flush=True)
