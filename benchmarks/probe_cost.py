@@ -5,10 +5,12 @@ What it measures
     Per run dir given (``--runs``: run dirs or folders of them, e.g. the two-worlds ΔL(auto) runs) and per
     task: the median ``probe/seconds`` of the steps that probed, the median ``step_time`` of the steps that
     did not and of those that did, the probe's rows (``probes.jsonl``), and from them the overhead per step
-    at a probe every K steps, ``probe / (K * step)``, for K = 1, 2, 3, 5, 10.
+    at a probe every K steps, for K = 1, 2, 3, 5, 10: by the probe's own timer, ``probe / (K * step)``, and
+    as the run really pays it, ``(step with probe - step without) / (K * step without)`` (this one also
+    counts what runs beside the probe: the auto-α fit with its bootstrap interval, the probe's bootstrap CVs).
 
     With ``--smollm2`` it also trains the embedded SmolLM2-135M (LoRA, CountDown, the
-    ``smollm2-countdown`` preset) with ``--alpha auto --probe-every 1`` for ``--smollm2-steps`` steps in a
+    ``smollm2-countdown`` preset) with ``--alpha auto --probe-every 2`` for ``--smollm2-steps`` steps in a
     subprocess and reads the same figures from its run log (and its ``delta_l/alpha`` per step).
 
 The Qwen2.5 extrapolation (labelled as such in the output: not measured on that model)
@@ -81,7 +83,7 @@ def run_costs(run_dir: Path) -> dict[str, Any]:
         "probe_s": [m["probe/seconds"] for m in probed],
         "step_s_probed": [m["step_time"] for m in probed],
         "step_s_plain": [m["step_time"] for m in plain],
-        "probe_rows": [p.get("rows") for p in reader.probes if isinstance(p.get("rows"), int)],
+        "probe_rows": [len(p["lengths"]) for p in reader.probes if isinstance(p.get("lengths"), list)],
         "alpha": [
             [m["step"], m["delta_l/alpha"]] for m in steps if isinstance(m.get("delta_l/alpha"), float)
         ],
@@ -101,15 +103,22 @@ def task_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "median_probe_rows": _median([x for r in runs for x in r["probe_rows"]]),
         "n_probes": sum(len(r["probe_s"]) for r in runs),
     }
+    with_probe = out["median_step_s_with_probe"]
     if probe is not None and plain:
-        out["overhead_at_every"] = {str(k): probe / (k * plain) for k in EVERY}
+        out["overhead_at_every"] = {str(k): probe / (k * plain) for k in EVERY}  # the probe's own timer
+    if with_probe is not None and plain:
+        # what a probed step really costs more than a plain one: the probe plus what runs beside it (the
+        # auto-α fit with its bootstrap interval, the probe's bootstrap CVs, logging)
+        extra = with_probe - plain
+        out["extra_s_per_probed_step"] = extra
+        out["step_overhead_at_every"] = {str(k): extra / (k * plain) for k in EVERY}
     return out
 
 
 def train_smollm2(steps: int, out: Path) -> dict[str, Any]:
-    """``lab train`` on the embedded SmolLM2 with α auto and a probe every step; timed."""
+    """``lab train`` on the embedded SmolLM2 with α auto and a probe every 2 steps (plain steps between); timed."""
     command = [sys.executable, "-m", "lab.cli", "train", "--preset", "smollm2-countdown", "--aggregator",
-               "delta_l", "--alpha", "auto", "--probe-every", "1", "--steps", str(steps),
+               "delta_l", "--alpha", "auto", "--probe-every", "2", "--steps", str(steps),
                "--compare-gradients-every", "0", "--save-every", "100000", "--out", str(out)]  # fmt: skip
     load = os.getloadavg()
     t0 = time.perf_counter()
@@ -161,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--smollm2", action="store_true", help="also train SmolLM2 with --alpha auto, probe each step"
     )
-    p.add_argument("--smollm2-steps", type=int, default=3)
+    p.add_argument("--smollm2-steps", type=int, default=4)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    if args.smollm2_steps < 2:
-        p.error(f"--smollm2-steps must be >= 2 (a plain step to compare with), got {args.smollm2_steps}")
+    if args.smollm2_steps < 4:
+        p.error(
+            f"--smollm2-steps must be >= 4 (two probes for α, plain steps between), got {args.smollm2_steps}"
+        )
     result: dict[str, Any] = {"command": "python benchmarks/probe_cost.py " + " ".join(argv or sys.argv[1:]),
                               "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
                               "load_before": os.getloadavg(), "tasks": {}}  # fmt: skip
@@ -177,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="probe_cost_") as tmp:
             out = Path(tmp) / "smollm2-auto"
             result["smollm2_run"] = train_smollm2(args.smollm2_steps, out)
-            costs = run_costs(out)
+            (run_dir,) = run_dirs([out])  # lab train --out DIR writes its run dir inside DIR
+            costs = run_costs(run_dir)
             result["smollm2_run"]["alpha"] = costs["alpha"]
             by_task.setdefault("countdown (smollm2-135m)", []).append(costs)
     for task, runs in by_task.items():
@@ -192,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text, encoding="utf-8")
     for task, s in result["tasks"].items():
-        over = s.get("overhead_at_every", {})
-        print(f"{task}: probe {s['median_probe_s']} s ({s['median_probe_rows']} rows), step without probe "
-              f"{s['median_step_s_without_probe']} s; overhead per step at every 2 / 3 / 10: "
-              f"{over.get('2')} / {over.get('3')} / {over.get('10')}")  # fmt: skip
+        over = s.get("step_overhead_at_every", {})
+        print(f"{task}: probe timer {s['median_probe_s']} s ({s['median_probe_rows']} rows); step without a probe "
+              f"{s['median_step_s_without_probe']} s, with one {s['median_step_s_with_probe']} s; step overhead at "
+              f"a probe every 2 / 3 / 10 steps: {over.get('2')} / {over.get('3')} / {over.get('10')}")  # fmt: skip
     print(json.dumps(result["qwen2.5-1.5b_projection"], indent=1))
     return 0
 

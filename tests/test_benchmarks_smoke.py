@@ -196,7 +196,12 @@ def test_probe_cost_prices_the_probe_against_a_plain_step(tmp_path):
     assert costs["alpha"][0] == [1, 1.1]
     summary = probe_cost.task_summary([costs])
     assert summary["overhead_at_every"]["2"] == pytest.approx(4.0 / (2 * 0.5))  # probe / (K * step)
+    # what the run pays: the probed step's extra time (here 4.5 - 0.5), not only the probe's own timer
+    assert summary["step_overhead_at_every"]["2"] == pytest.approx((4.5 - 0.5) / (2 * 0.5))
     assert summary["n_probes"] == 2
+    # lab train --out DIR puts its run dir inside DIR: the reader finds it there
+    (inner,) = probe_cost.run_dirs([tmp_path])
+    assert inner.name == "delta_l-aauto-s0"
 
 
 def test_probe_cost_refuses_a_missing_runs_dir(tmp_path):
