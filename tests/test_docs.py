@@ -77,6 +77,99 @@ def length_gaps(name: str) -> tuple[float, float]:
     return min(gaps), max(gaps)
 
 
+TWO_WORLDS = "two_worlds.2core.json"
+PW_VARIANCE = "paperworld_variance.2core.json"
+TW_TITLES = {
+    "paper-world/adamw": "paper world, AdamW",
+    "paper-world/sgd-equalized": "paper world, SGD equalized",
+    "digitsum/adamw": "digitsum, AdamW",
+    "digitsum/sgd-equalized": "digitsum, SGD equalized",
+}
+
+
+def _minus(text: str) -> str:
+    return text.replace("-", "−")
+
+
+def _tw_cell(name: str) -> dict:
+    return stored(TWO_WORLDS)["cells"][name]
+
+
+def _tw_ratio(world: str, key: str) -> float:
+    return stored(TWO_WORLDS)["worlds"][world][key]["dr_grpo/delta_l"]
+
+
+def _tw_row(name: str) -> str:
+    """One row of the README's 2x2 table: final rewards, Dr. GRPO − ΔL with its interval and MDE, Holm count."""
+    cell = _tw_cell(name)
+    finals = " | ".join(f"{cell['labels'][m]['final_reward']['mean']:.3f}" for m in METHODS)
+    p = next(p for p in cell["verdict"]["pairs"] if {p["a"], p["b"]} == {"dr_grpo", "delta_l"}
+             and p["metric"] == "final_reward")  # fmt: skip
+    sign = 1 if p["a"] == "dr_grpo" else -1
+    lo, hi = sorted(sign * x for x in p["ci_t"])
+    pair = _minus(f"{sign * p['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], MDE {p['mde']:.3f}")
+    marked = sum(q["distinguishable"] for q in cell["verdict"]["pairs"])
+    return (f"| {TW_TITLES[name]} | {finals} | {pair} | {marked} of {len(cell['verdict']['pairs'])} | "
+            f"{cell['wall_seconds'] / 60:.1f} min |")  # fmt: skip
+
+
+def _tw_marked(name: str) -> tuple:
+    """Count, total, gap range and MDE range of a cell's distinguishable pairs (all reward-area ones: checked)."""
+    pairs = _tw_cell(name)["verdict"]["pairs"]
+    marked = [p for p in pairs if p["distinguishable"]]
+    assert {p["metric"] for p in marked} == {"auc"}
+    for p in marked:  # each one: a 1/L-family aggregator above a flat-family one
+        assert ({p["a"], p["b"]} & {"grpo", "delta_l"}) and ({p["a"], p["b"]} & {"dapo", "dr_grpo"})
+        winner = p["a"] if p["mean_diff"] > 0 else p["b"]
+        assert winner in {"grpo", "delta_l"}
+    gaps = [abs(p["mean_diff"]) for p in marked]
+    mdes = [p["mde"] for p in marked]
+    return len(marked), len(pairs), min(gaps), max(gaps), min(mdes), max(mdes)
+
+
+LR_SWEEP, LR_CONFIRM = "lr_sweep.paperworld.2core.json", "lr_confirm.paperworld.2core.json"
+AUTO = "delta_l-aauto"
+
+
+def _lr_pair(name: str, rate: str, metric: str, *, ci: bool = False) -> tuple:
+    """ΔL − Dr. GRPO at one rate: (difference, raw p, Holm p over the file's tests) or (difference, t interval)."""
+    p = next(p for p in stored(name)["rates"][rate]["verdict"]["pairs"] if p["metric"] == metric)
+    sign = 1 if p["a"] == "delta_l" else -1
+    if ci:
+        return (sign * p["mean_diff"], *sorted(sign * x for x in p["ci_t"]))
+    return sign * p["mean_diff"], p["p_value"], p["p_holm_sweep"]
+
+
+def _auto_pair(cell: str, other: str, metric: str) -> float:
+    """ΔL(auto) − ``other`` in a cell's auto-α verdict; the pair must be distinguishable (the README says so)."""
+    pairs = _tw_cell(cell)["auto_alpha"]["verdict"]["pairs"]
+    p = next(p for p in pairs if {p["a"], p["b"]} == {AUTO, other} and p["metric"] == metric)
+    assert p["distinguishable"], (cell, other, metric)
+    return p["mean_diff"] if p["a"] == AUTO else -p["mean_diff"]
+
+
+def test_no_other_auto_alpha_pair_is_distinguishable() -> None:
+    marked = {(cell, frozenset((p["a"], p["b"])), p["metric"])
+              for cell, c in stored(TWO_WORLDS)["cells"].items() for p in c["auto_alpha"]["verdict"]["pairs"]
+              if p["distinguishable"] and AUTO in (p["a"], p["b"])}  # fmt: skip
+    assert marked == {
+        ("digitsum/sgd-equalized", frozenset((AUTO, "delta_l")), "auc"),
+        ("digitsum/sgd-equalized", frozenset((AUTO, "dr_grpo")), "auc"),
+        ("paper-world/adamw", frozenset((AUTO, "dr_grpo")), "eval/heldout_reward"),
+    }
+
+
+def _auto_final_alpha() -> tuple[float, float]:
+    """The smallest and largest per-cell median of ΔL(auto)'s last α."""
+    import statistics
+
+    medians = [
+        statistics.median(r["alpha"][-1][1] for r in c["auto_alpha"]["runs"] if r["label"] == AUTO)
+        for c in stored(TWO_WORLDS)["cells"].values()
+    ]
+    return min(medians), max(medians)
+
+
 # Each entry: a README phrase, computed from the stored results. Change a stored result and this fails until
 # the README says the new figure.
 FIGURES: dict[str, Callable[[], str]] = {
@@ -133,20 +226,80 @@ FIGURES: dict[str, Callable[[], str]] = {
     "SmolLM2 exponent": lambda: "exponent is {:.2f} [{:.2f}, {:.2f}]".format(
         stored(VARIANCE)["exponent"], *stored(VARIANCE)["exponent_ci"]
     ),
-    "paper world: length spread": lambda: (
-        f"ratio at step 1 has median {_pw_cell()['length_ratio_step1']['median']:.1f}"
+    "two worlds: wall time": lambda: (
+        f"({stored(TWO_WORLDS)['wall_seconds'] / 60:.1f} min on the 2-core machine"
     ),
-    "paper world: measured vs theoretical CV ratio": lambda: (
-        f"the measured CV of Dr. GRPO is {_pw_world()['ratio_measured']['dr_grpo/delta_l']:.2f}× ΔL's, where "
-        f"Var(g_i) ∝ L_i predicts {_pw_world()['ratio_theory']['dr_grpo/delta_l']:.2f}×"
+    "two worlds: paper-world length spread": lambda: (
+        f"step-1 length spread: median\n{_tw_cell('paper-world/adamw')['length_ratio_step1']['median']:.1f}×"
     ),
-    "paper world: final rewards and the pair's interval": lambda: (
-        f"final reward ΔL {_pw_cell()['labels']['delta_l']['final_reward']['mean']:.3f}, Dr. GRPO "
-        f"{_pw_cell()['labels']['dr_grpo']['final_reward']['mean']:.3f}; Dr. GRPO − ΔL "
-        f"{_pw_pair()['mean_diff']:+.3f}".replace("-", "−")
-        + ", 95% t interval ["
-        + ", ".join(f"{x:+.3f}".replace("-", "−") for x in _pw_pair()["ci_t"])
-        + "]"
+    "two worlds: corr(A, L) digitsum": lambda: (
+        f"corr(A_i, L_i) = {_tw_cell('digitsum/adamw')['advantage_by_length']['corr']:.2f})"
+    ),
+    "two worlds: corr(A, L) paper world": lambda: _minus(
+        f"corr(A_i, L_i) = {_tw_cell('paper-world/adamw')['advantage_by_length']['corr']:.2f}, and"
+    ),
+    **{f"two worlds row: {name}": (lambda name=name: _tw_row(name)) for name in TW_TITLES},
+    "two worlds: CV ratios": lambda: (
+        f"measured CV of Dr. GRPO is {_tw_ratio('paper-world', 'ratio_measured'):.2f}× ΔL's in the paper world "
+        f"(Var(g_i) ∝ L_i predicts {_tw_ratio('paper-world', 'ratio_theory'):.2f}×) and "
+        f"{_tw_ratio('digitsum', 'ratio_measured'):.2f}× in digitsum (predicted {_tw_ratio('digitsum', 'ratio_theory'):.2f}×)"
+    ),
+    "two worlds: well-formed rows": lambda: (
+        f"the ratio is {stored(PW_VARIANCE)['well_formed']['ratio_measured']['dr_grpo/delta_l']:.2f} against a "
+        f"predicted {stored(PW_VARIANCE)['well_formed']['ratio_theory']['fitted_line']['dr_grpo/delta_l']:.2f}"
+    ),
+    "two worlds: digitsum AdamW marks": lambda: (
+        "marks {} of {}, all in reward area: GRPO and ΔL above DAPO and Dr. GRPO by {:.3f}–{:.3f} (MDEs "
+        "{:.3f}–{:.3f})".format(*_tw_marked("digitsum/adamw"))
+    ),
+    "lr sweep: the lead at 3": lambda: (
+        "at 3 ΔL led by {:+.3f} in final reward (raw p {:.3f}, Holm {:.3f})".format(
+            *_lr_pair(LR_SWEEP, "3", "final_reward")
+        )
+    ),
+    "lr confirmation: reward area": lambda: (
+        _minus(
+            "ΔL's reward area is {:+.3f} [{:+.3f}, {:+.3f}] above".format(
+                *_lr_pair(LR_CONFIRM, "3", "auc", ci=True)
+            )
+        )
+        + " Dr. GRPO's, distinguishable (Holm over its 3 tests: p {:.3f})".format(
+            _lr_pair(LR_CONFIRM, "3", "auc")[2]
+        )
+    ),
+    "lr confirmation: the others": lambda: "final reward ({:+.3f}) and held-out ({:+.3f}) are not".format(
+        _lr_pair(LR_CONFIRM, "3", "final_reward")[0], _lr_pair(LR_CONFIRM, "3", "eval/heldout_reward")[0]
+    ),
+    "lr confirmation: ΔL's final reward": lambda: (
+        f"ΔL's final reward {stored(LR_CONFIRM)['rates']['3']['labels']['delta_l']['final_reward']['mean']:.3f})"
+    ),
+    "auto α: final values": lambda: "its final value has a median of {:.2f} to {:.2f}".format(
+        *_auto_final_alpha()
+    ),
+    "auto α: digitsum SGD": lambda: (
+        "its reward area is {:.3f} above ΔL(α=1)'s and {:.3f} above Dr. GRPO's".format(
+            _auto_pair("digitsum/sgd-equalized", "delta_l", "auc"),
+            _auto_pair("digitsum/sgd-equalized", "dr_grpo", "auc"),
+        )
+    ),
+    "auto α: paper world AdamW": lambda: "its held-out reward is {:.3f} below Dr. GRPO's".format(
+        -_auto_pair("paper-world/adamw", "dr_grpo", "eval/heldout_reward")
+    ),
+    "probe cost in the README": lambda: (
+        "a probed step takes {:.2f} s against {:.2f} s".format(
+            stored(PROBE_COST)["tasks"]["paperworld"]["median_step_s_with_probe"],
+            stored(PROBE_COST)["tasks"]["paperworld"]["median_step_s_without_probe"],
+        )
+        + ", mostly the α fit's bootstrap interval, so a probe every 3 steps makes a run about {:.0f}× slower".format(
+            1 + stored(PROBE_COST)["tasks"]["paperworld"]["step_overhead_at_every"]["3"]
+        )
+        + "; on SmolLM2 a probe costs {:.1f} s beside a {:.1f} s step".format(
+            stored(PROBE_COST)["tasks"]["countdown (smollm2-135m)"]["median_probe_s"],
+            stored(PROBE_COST)["tasks"]["countdown (smollm2-135m)"]["median_step_s_without_probe"],
+        )
+    ),
+    "Qwen projection in the README": lambda: "{:.1f}–{:.1f}%\nper step at a probe every 3 steps".format(
+        *_qwen_overhead_percent()
     ),
 }
 
@@ -238,33 +391,44 @@ def test_anchor_slugs_follow_github() -> None:
     assert anchors("## Variance against length\n# Other") == {"variance-against-length", "other"}
 
 
-TWO_WORLDS = "two_worlds.2core.json"
-
-
-def _pw_cell() -> dict:
-    return stored(TWO_WORLDS)["cells"]["paper-world/adamw"]
-
-
 def _pw_world() -> dict:
     return stored(TWO_WORLDS)["worlds"]["paper-world"]
 
 
-def _pw_pair() -> dict:
-    return next(p for p in _pw_cell()["verdict"]["pairs"] if p["metric"] == "final_reward")
+def test_paper_world_pairs_are_not_marked_and_the_theory_pair_covers_zero() -> None:
+    for name in ("paper-world/adamw", "paper-world/sgd-equalized"):
+        pairs = _tw_cell(name)["verdict"]["pairs"]
+        assert not any(p["distinguishable"] for p in pairs), name
+        theory = next(
+            p for p in pairs if {p["a"], p["b"]} == {"dr_grpo", "delta_l"} and p["metric"] == "final_reward"
+        )
+        assert theory["ci_t"][0] < 0 < theory["ci_t"][1], name
 
 
-def test_paper_world_pair_is_not_marked_and_its_interval_covers_zero() -> None:
-    pair = _pw_pair()
-    assert not pair["distinguishable"] and pair["ci_t"][0] < 0 < pair["ci_t"][1]
+PROBE_COST = "probe_cost.2core.json"
+COST_ROWS = {
+    "paperworld": "paper world (10 runs, 64 rows a probe)",
+    "digitsum": "digitsum (10 runs, 64 rows)",
+    "countdown (smollm2-135m)": "SmolLM2 CountDown (1 run, 16 rows)",
+}
+
+
+def _cost_row(task: str, title: str) -> str:
+    t = stored(PROBE_COST)["tasks"][task]
+    probe = t["median_probe_s"]
+    probe_text = f"{probe:.1f} s" if probe > 10 else f"{probe:.2f} s"
+    fmt = ".1f" if t["median_step_s_without_probe"] > 10 else ".2f"
+    return (f"| {title} | {probe_text} | {t['median_step_s_without_probe']:{fmt}} s | "
+            f"{t['median_step_s_with_probe']:{fmt}} s | {t['step_overhead_at_every']['1']:.2f} |")  # fmt: skip
+
+
+def _qwen_overhead_percent() -> tuple[float, float]:
+    q = stored(PROBE_COST)["qwen2.5-1.5b_projection"]
+    return 100 * q["overhead_lower_bound_at_every"]["3"], 100 * q["overhead_at_cpu_ratio_at_every"]["3"]
 
 
 # docs/measurements.md quotes these figures of stored results the same way (its paragraphs beyond the README's)
 MEASUREMENTS = ROOT / "docs" / "measurements.md"
-PW_VARIANCE = "paperworld_variance.2core.json"
-
-
-def _minus(text: str) -> str:
-    return text.replace("-", "−")
 
 
 def _pwv_fit_row(name: str, key: str, spec: str) -> str:
@@ -327,6 +491,51 @@ MEASUREMENT_FIGURES: dict[str, Callable[[], str]] = {
     "paper world variance: theory a + V·L": lambda: _pwv_ratio_row(
         "theory, Var = a + V·L (fitted)", lambda s: s["ratio_theory"]["fitted_line"]
     ),
+    "two worlds: paper-world corr": lambda: _minus(
+        f"corr(A_i, L_i) is {_tw_adv('paper-world/adamw')['corr']:.2f} (AdamW) and "
+        f"{_tw_adv('paper-world/sgd-equalized')['corr']:.2f} (SGD)"
+    ),
+    "two worlds: paper-world E[A²]": lambda: (
+        "E[A_i²] stays between {:.2f} and {:.2f} in every length bin".format(
+            *_tw_big_bins_a2("paper-world/adamw")
+        )
+    ),
+    "two worlds: digitsum corr and advantages": lambda: _minus(
+        f"In digitsum corr(A_i, L_i) is {_tw_adv('digitsum/adamw')['corr']:.2f} (AdamW): the short answers "
+        f"(L = 2–3) have a mean advantage of {_tw_bin('digitsum/adamw', 2)['mean_a']:.2f}, the thinking ones "
+        f"(8–15) {_tw_bin('digitsum/adamw', 8)['mean_a']:+.2f}"
+    ),
+    "two worlds: step-1 fits": lambda: (
+        f"({_tw_cell('paper-world/adamw')['variance_fit_step1']['rows']} rows), the paper world's fit runs to the "
+        f"edge of its range (k = {_tw_cell('paper-world/adamw')['variance_fit_step1']['exponent']:.2f}, interval "
+        f"from {_tw_cell('paper-world/adamw')['variance_fit_step1']['exponent_ci'][0]:.2f}), digitsum's gives k = "
+        + _fit_k(_tw_cell("digitsum/adamw")["variance_fit_step1"])
+        + "; the large batch: digitsum "
+        + _fit_k(stored(TWO_WORLDS)["worlds"]["digitsum"]["variance_fit"])
+    ),
+    "two worlds: probe CVs": lambda: (
+        f"{_tw_ratio('digitsum', 'ratio_measured'):.2f}× ΔL's in digitsum, while the training probes' median CVs put Dr. GRPO below ΔL there "
+        f"({_tw_probe('digitsum/adamw', 'dr_grpo'):.2f} against {_tw_probe('digitsum/adamw', 'delta_l'):.2f}, "
+        f"AdamW); in the paper world both agree in direction (probes: {_tw_probe('paper-world/adamw', 'dr_grpo'):.2f} "
+        f"against {_tw_probe('paper-world/adamw', 'delta_l'):.2f})"
+    ),
+    "lr sweep: wall": lambda: (
+        f"(`lr_sweep.paperworld.2core.json`, {stored(LR_SWEEP)['wall_seconds'] / 60:.1f} min)"
+    ),
+    "lr confirmation: wall": lambda: (
+        f"(`lr_confirm.paperworld.2core.json`, {stored(LR_CONFIRM)['wall_seconds'] / 60:.1f} min)"
+    ),
+    **{
+        f"probe cost: {task}": (lambda task=task, title=title: _cost_row(task, title))
+        for task, title in COST_ROWS.items()
+    },
+    "probe cost: Qwen projection": lambda: (
+        "at least one batched forward + backward ({probe_s_lower_bound:.3f} s) and at the SmolLM2 ratio "
+        "{probe_s_at_cpu_ratio:.2f} s, against a {step_s:.1f} s step".format(
+            **stored(PROBE_COST)["qwen2.5-1.5b_projection"]
+        )
+        + ", so {:.1f}–{:.1f}% per step at a probe every 3 steps".format(*_qwen_overhead_percent())
+    ),
 }
 
 
@@ -342,3 +551,33 @@ def test_paper_world_variance_is_the_two_worlds_batch() -> None:
     mine, theirs = stored(PW_VARIANCE)["all"], _pw_world()
     assert mine["ratio_measured"] == pytest.approx(theirs["ratio_measured"])
     assert mine["variance_fit"]["exponent_ci"] == pytest.approx(theirs["variance_fit"]["exponent_ci"])
+
+
+def _tw_adv(cell: str) -> dict:
+    return _tw_cell(cell)["advantage_by_length"]
+
+
+def _tw_bin(cell: str, lo: int) -> dict:
+    return next(b for b in _tw_adv(cell)["bins"] if b["min_length"] == lo)
+
+
+def _tw_big_bins_a2(cell: str) -> tuple[float, float]:
+    values = [b["mean_a2"] for b in _tw_adv(cell)["bins"] if b["n"] >= 2000]
+    return min(values), max(values)
+
+
+def _tw_probe(cell: str, method: str) -> float:
+    return _tw_cell(cell)["probes"]["cv_measured_median"][method]
+
+
+def _fit_k(fit: dict) -> str:
+    return "{:.2f} [{:.2f}, {:.2f}]".format(fit["exponent"], *fit["exponent_ci"])
+
+
+def test_the_sweeps_first_rate_repeats_the_equalized_sgd_cell() -> None:
+    """docs/measurements.md: the sweep's rate-0.1 runs are the 2x2 cell's Dr. GRPO and ΔL runs, number for number."""
+    cell = {(r["label"], r["seed"]): r["reward"] for r in _tw_cell("paper-world/sgd-equalized")["runs"]}
+    sweep = stored(LR_SWEEP)["rates"]["0.1"]["runs"]
+    assert len(sweep) == 20
+    for run in sweep:
+        assert run["reward"] == cell[(run["label"], run["seed"])], run["run"]
