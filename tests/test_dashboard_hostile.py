@@ -112,7 +112,9 @@ def test_css_color_takes_only_the_lab_palette_form():
 def test_sanitize_figure_escapes_names_titles_and_categories():
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Bar(x=["<img src=x>"], y=[1], name="<b>n</b>", text=["<i>t</i>"], legendgroup="<u>g</u>"))
+    fig = go.Figure(
+        go.Bar(x=["<img src=x>"], y=[1], name="<b>n</b>", text=["<i>t</i>"], legendgroup="<u>g</u>")
+    )
     fig.update_layout(title="<a href='x'>t</a>", xaxis_title="<sup>x</sup>")
     fig.add_annotation(text="<script>s</script>")
     sanitize_figure(fig)
