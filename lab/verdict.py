@@ -448,17 +448,21 @@ def format_verdict(verdict: Mapping[str, Any]) -> str:
         f"Verdict over {seeds} seed(s) (paired by seed, mean difference a − b, 95% intervals; p: paired t-test, "
         f"raw / Holm over {n_tests} tests):"
     ]
+    pairs = verdict.get("pairs", [])
+    # columns as wide as their longest entry (eval/heldout_reward, delta_l-aauto), so the table stays aligned
+    wl = max([10, *(len(str(p[k])) for p in pairs for k in ("a", "b"))])
+    wm = max([13, *(len(str(p["metric"])) for p in pairs)])
     lines.append(
-        f"  {'a':<10} {'b':<10} {'metric':<13} {'mean diff':>10}  {'bootstrap CI':<19} {'t CI':<19} "
+        f"  {'a':<{wl}} {'b':<{wl}} {'metric':<{wm}} {'mean diff':>10}  {'bootstrap CI':<19} {'t CI':<19} "
         f"{'p raw / Holm':<14} {'MDE':>6}  verdict"
     )
-    for p in verdict.get("pairs", []):
+    for p in pairs:
         ci = "[{:+.3f}, {:+.3f}]".format(*p["ci"])
         ci_t = "[{:+.3f}, {:+.3f}]".format(*p["ci_t"])
         ps = f"{_p_text(p.get('p_value'))} / {_p_text(p.get('p_holm'))}"
         mde = f"{p['mde']:.3f}" if _finite(p.get("mde")) else "–"
         lines.append(
-            f"  {p['a']:<10} {p['b']:<10} {p['metric']:<13} {p['mean_diff']:>+10.3f}  {ci:<19} {ci_t:<19} "
+            f"  {p['a']:<{wl}} {p['b']:<{wl}} {p['metric']:<{wm}} {p['mean_diff']:>+10.3f}  {ci:<19} {ci_t:<19} "
             f"{ps:<14} {mde:>6}  {pair_decision(p)}"
         )
     for label, stats_by_metric in verdict.get("labels", {}).items():
