@@ -170,6 +170,15 @@ def _auto_final_alpha() -> tuple[float, float]:
     return min(medians), max(medians)
 
 
+PW_PRESET = "paper_world_compare.2core.json"
+
+
+def _pw_preset_marked() -> dict:
+    (p,) = [p for p in stored(PW_PRESET)["verdict"]["pairs"] if p["distinguishable"]]
+    assert (p["a"], p["b"], p["metric"]) == ("dr_grpo", "delta_l", "eval/heldout_reward")
+    return p
+
+
 # Each entry: a README phrase, computed from the stored results. Change a stored result and this fails until
 # the README says the new figure.
 FIGURES: dict[str, Callable[[], str]] = {
@@ -284,6 +293,11 @@ FIGURES: dict[str, Callable[[], str]] = {
     ),
     "auto α: paper world AdamW": lambda: "its held-out reward is {:.3f} below Dr. GRPO's".format(
         -_auto_pair("paper-world/adamw", "dr_grpo", "eval/heldout_reward")
+    ),
+    "paper-world preset run": lambda: (
+        f"5 seeds × 60 steps,\n  {stored(PW_PRESET)['wall_seconds'] / 60:.1f} min; `paper_world_compare.2core.json`) marks "
+        f"{['no', 'one'][sum(p['distinguishable'] for p in stored(PW_PRESET)['verdict']['pairs'])]} test, against ΔL: Dr. GRPO's "
+        f"held-out reward is {_pw_preset_marked()['mean_diff']:+.3f} above ΔL's (Holm p {_pw_preset_marked()['p_holm']:.3f})"
     ),
     "probe cost in the README": lambda: (
         "a probed step takes {:.2f} s against {:.2f} s".format(
