@@ -249,6 +249,18 @@ def _add_curve(fig: go.Figure, curve: pd.DataFrame, label: str, row: int, col: i
     shown.add(label)
 
 
+def _finish_grid(fig: go.Figure, title: str, height: int, y_title: str) -> go.Figure:
+    """The world x optimizer grid's common layout: title at the left, legend below, step on the bottom row."""
+    fig.update_layout(
+        title={"text": title, "x": 0.0, "xanchor": "left"},
+        height=height, margin={"l": 60, "r": 20, "t": 80, "b": 40}, template="plotly_white", hovermode="closest",
+        legend={"orientation": "h", "yanchor": "top", "y": -0.08, "xanchor": "left", "x": 0.0},
+    )  # fmt: skip
+    fig.update_xaxes(title_text="step", row=len(WORLDS))
+    fig.update_yaxes(title_text=y_title, col=1)
+    return fig
+
+
 def _empty_cell(fig: go.Figure, row: int, col: int, text: str) -> None:
     """A note in the middle of an empty panel (paper coordinates: a panel without traces has no drawn axes
     that an ``x2 domain`` reference could use)."""
@@ -277,15 +289,9 @@ def reward_grid_figure(summary: Summary) -> go.Figure:
                 drawn = True
         if not drawn:
             _empty_cell(fig, row, col, "not in this file" if name not in have else "no reward curves")
-    fig.update_layout(
-        title={"text": "Reward per cell: mean over seeds, band = 95% t-interval of the mean", "x": 0.0,
-               "xanchor": "left"},
-        height=620, margin={"l": 60, "r": 20, "t": 80, "b": 40}, template="plotly_white", hovermode="closest",
-        legend={"orientation": "h", "yanchor": "top", "y": -0.08, "xanchor": "left", "x": 0.0},
-    )  # fmt: skip
-    fig.update_xaxes(title_text="step", row=len(WORLDS))
-    fig.update_yaxes(title_text="reward", col=1)
-    return fig
+    return _finish_grid(
+        fig, "Reward per cell: mean over seeds, band = 95% t-interval of the mean", 620, "reward"
+    )
 
 
 def scores_table(summary: Summary) -> pd.DataFrame:
@@ -587,12 +593,6 @@ def alpha_figure(summary: Summary) -> go.Figure:
             _empty_cell(fig, row, col, "no ΔL(auto) runs")
             continue
         _add_curve(fig, curve, AUTO_LABEL, row, col, shown)
-    fig.update_layout(
-        title={"text": "ΔL(auto): α per step (thin: one seed; thick: mean, band: 95% t-interval)", "x": 0.0,
-               "xanchor": "left"},
-        height=560, margin={"l": 60, "r": 20, "t": 80, "b": 40}, template="plotly_white", hovermode="closest",
-        legend={"orientation": "h", "yanchor": "top", "y": -0.08, "xanchor": "left", "x": 0.0},
-    )  # fmt: skip
-    fig.update_xaxes(title_text="step", row=len(WORLDS))
-    fig.update_yaxes(title_text="α", col=1)
-    return fig
+    return _finish_grid(
+        fig, "ΔL(auto): α per step (thin: one seed; thick: mean, band: 95% t-interval)", 560, "α"
+    )
